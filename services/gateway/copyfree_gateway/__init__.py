@@ -1,0 +1,3 @@
+"""copyfree gateway: the public API (Check, Register, Recommend, Delete, Stats)."""
+
+GATEWAY_SERVICE_NAME = "copyfree.v1.GatewayService"

@@ -1,0 +1,1 @@
+"""Generated gRPC code for package copyfree.v1 (make protos). Never edit by hand."""

@@ -1,0 +1,1 @@
+"""The `copyfree` command line: train, export, serve, register, check, demo."""

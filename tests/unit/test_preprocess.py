@@ -1,0 +1,80 @@
+"""The one preprocessing pipeline: decoding rules, limits and tensor layout."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from copyfree.errors import InvalidInput
+from copyfree.preprocess import PreprocessSpec, decode, to_input
+from tests.utils.images import encode, make_image_bytes, make_picture
+
+
+def test_decode_refuses_empty_bytes() -> None:
+    with pytest.raises(InvalidInput, match="empty"):
+        decode(b"")
+
+
+def test_decode_refuses_non_image() -> None:
+    with pytest.raises(InvalidInput, match="could not be decoded"):
+        decode(b"this is plain text, not an image")
+
+
+def test_decode_refuses_truncated_jpeg() -> None:
+    data = make_image_bytes(1, "JPEG")
+    with pytest.raises(InvalidInput, match="could not be decoded"):
+        decode(data[: len(data) // 2])
+
+
+def test_decode_refuses_decompression_bomb_before_allocating() -> None:
+    bomb = encode(Image.new("1", (30000, 30000)), "PNG")  # ~100 KB file, 900 MP
+    assert len(bomb) < 1_000_000
+    with pytest.raises(InvalidInput, match="900000000 pixels"):
+        decode(bomb)
+
+
+def test_decode_refuses_pixels_over_our_limit() -> None:
+    with pytest.raises(InvalidInput, match="160x120 = 19200 pixels, limit is 1000"):
+        decode(make_image_bytes(2), max_pixels=1000)
+
+
+def test_decode_refuses_oversized_bytes() -> None:
+    with pytest.raises(InvalidInput, match="limit is 100"):
+        decode(make_image_bytes(2), max_bytes=100)
+
+
+def test_decode_composites_alpha_on_white() -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert decode(encode(rgba, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_decode_applies_exif_orientation() -> None:
+    im = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif)
+    assert decode(buf.getvalue()).size == (20, 40)
+
+
+def test_to_input_layout_and_normalisation() -> None:
+    spec = PreprocessSpec(
+        size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    )
+    x = to_input(make_picture(3), spec)
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32
+    assert -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_to_input_grayscale() -> None:
+    spec = PreprocessSpec(size=128, channels=1, mean=(0.0,), std=(1.0,))
+    x = to_input(make_picture(4), spec)
+    assert x.shape == (1, 128, 128) and 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_spec_round_trips_through_dict() -> None:
+    spec = PreprocessSpec(size=128, channels=1, mean=(0.1,), std=(0.2,))
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec

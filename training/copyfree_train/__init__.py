@@ -1,0 +1,1 @@
+"""copyfree training: datasets, detection CVAE, retrieval hashing, export to bundles."""
