@@ -100,9 +100,15 @@ def decode(
         raise InvalidInput(
             f"image refused (limit is {max_pixels} pixels; decompression bomb?): {e}"
         ) from None
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
-        # Pillow reports truncated/corrupt data as OSError, unknown formats as
-        # UnidentifiedImageError (an OSError), some plugins as SyntaxError/ValueError.
+    except Image.UnidentifiedImageError:
+        # Pillow's own message names a BytesIO object; say what the caller can act on.
+        raise InvalidInput(
+            "image could not be decoded: not a JPEG, PNG, WebP, GIF, BMP or TIFF "
+            f"image ({len(data)} bytes starting {data[:8]!r})"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        # Pillow reports truncated/corrupt data as OSError, some plugins as
+        # SyntaxError/ValueError.
         raise InvalidInput(f"image could not be decoded: {e}") from None
     image = ImageOps.exif_transpose(image) or image
     return to_rgb(image)

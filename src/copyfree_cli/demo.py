@@ -17,7 +17,7 @@ from copyfree.folders import ImageRecord, scan_folder
 from copyfree.v1 import gateway_pb2
 from copyfree_cli.client import check_image, gateway_stub, register_records
 from copyfree_cli.report import render_check
-from copyfree_cli.stack import LocalStack, StackConfig, free_port
+from copyfree_cli.stack import LocalStack, StackConfig
 
 EDIT_CROP_KEEP = 0.9  # centre crop keeping 90% of each side
 EDIT_JPEG_QUALITY = 50
@@ -98,16 +98,13 @@ def run_demo(ns: argparse.Namespace) -> int:
         shards=ns.shards,
         data_dir=data_dir,
         redis_url=ns.redis_url,
-        gateway_port=free_port(),
-        encoder_port=free_port(),
-        index_base_port=free_port(),
     )
     print(
         f"starting encoder, {ns.shards} index shards, gateway and Redis "
         f"(logs in {data_dir / 'logs'})",
         flush=True,
     )
-    with LocalStack(config) as stack:
+    with LocalStack.on_free_ports(config) as stack:
         stub = gateway_stub(stack.gateway_addr)
         t0 = time.monotonic()
         reg = register_records(stub, registry, "registry", "registry")

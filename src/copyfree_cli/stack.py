@@ -3,6 +3,7 @@ URL is given), the encoder, S index shards and the gateway, each on a loopback p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -22,11 +23,19 @@ INDEX_SERVICE = "copyfree.v1.IndexService"
 GATEWAY_SERVICE = "copyfree.v1.GatewayService"
 
 
-def free_port() -> int:
-    """A currently free loopback port (tiny race with other binders; fine locally)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """n distinct loopback ports free right now (all held open while choosing, so they
+    differ; another process may still take one before we bind: fine locally)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def wait_serving(address: str, service: str, timeout_s: float) -> None:
@@ -59,7 +68,8 @@ class StackConfig:
     redis_url: str = ""  # "" = start an embedded Redis with AOF under data_dir
     gateway_port: int = 50050
     encoder_port: int = 50051
-    index_base_port: int = 50061  # shard i listens on index_base_port + i
+    index_base_port: int = 50061  # shard i listens on index_base_port + i ...
+    index_ports: tuple[int, ...] = ()  # ... unless ports are listed here
     log_level: str = "INFO"
     ready_timeout_s: float = 180.0
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -81,11 +91,27 @@ class LocalStack:
     def encoder_addr(self) -> str:
         return f"127.0.0.1:{self.config.encoder_port}"
 
+    def index_port(self, shard_id: int) -> int:
+        c = self.config
+        return (
+            c.index_ports[shard_id] if c.index_ports else c.index_base_port + shard_id
+        )
+
     def index_addrs(self) -> list[str]:
-        return [
-            f"127.0.0.1:{self.config.index_base_port + i}"
-            for i in range(self.config.shards)
-        ]
+        return [f"127.0.0.1:{self.index_port(i)}" for i in range(self.config.shards)]
+
+    @classmethod
+    def on_free_ports(cls, config: StackConfig) -> LocalStack:
+        """A stack whose every service listens on a currently free loopback port."""
+        gateway, encoder, *shards = free_ports(2 + config.shards)
+        return cls(
+            dataclasses.replace(
+                config,
+                gateway_port=gateway,
+                encoder_port=encoder,
+                index_ports=tuple(shards),
+            )
+        )
 
     def __enter__(self) -> LocalStack:
         self.start()
@@ -205,7 +231,7 @@ class LocalStack:
         return {
             "PYTHONUNBUFFERED": "1",
             "INDEX_HOST": "127.0.0.1",
-            "INDEX_PORT": str(c.index_base_port + shard_id),
+            "INDEX_PORT": str(self.index_port(shard_id)),
             "INDEX_SHARD_ID": str(shard_id),
             "INDEX_NUM_SHARDS": str(c.shards),
             "INDEX_REDIS_URL": self.redis_url,

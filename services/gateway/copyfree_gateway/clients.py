@@ -55,6 +55,11 @@ def make_channel(address: str, max_message_bytes: int) -> grpc.aio.Channel:
         *channel_options(max_message_bytes),
         ("grpc.service_config", _SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
+        # A restarted shard or encoder is back within seconds: do not let the channel's
+        # reconnect backoff (default up to 120 s) keep failing calls after that.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     return grpc.aio.insecure_channel(address, options=options)
 

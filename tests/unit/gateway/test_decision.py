@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from copyfree_gateway.decision import decide, merge_similar
 
 from copyfree.v1 import common_pb2, gateway_pb2, index_pb2
+from copyfree_gateway.decision import decide, merge_similar
 
 T = common_pb2.Thresholds(max_hamming=12, min_cosine=0.9, fallback_k=16)
 

@@ -1,0 +1,1 @@
+"""copyfree encoder service: image bytes -> detection keys and retrieval codes."""
