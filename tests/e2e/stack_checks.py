@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from copyfree.folders import ImageRecord
+from copyfree.folders import ImageRecord, scan_folder
 from copyfree.v1 import gateway_pb2, gateway_pb2_grpc
 from copyfree_cli.client import check_image, gateway_stub, register_records
 from copyfree_cli.stack import LocalStack, StackConfig
@@ -52,11 +52,23 @@ def wait_gateway_sees_all_shards(
         time.sleep(0.2)
 
 
+def scenario_images(tmp_path: Path) -> tuple[Path, Path]:
+    """(registry folder, copyright-free folder with 3 label sub-folders)."""
+    write_images(tmp_path / "registry", range(REGISTERED))
+    for part in range(3):
+        start = 1000 + part * (FREE // 3)
+        write_images(
+            tmp_path / "free" / f"label{part}", range(start, start + FREE // 3)
+        )
+    return tmp_path / "registry", tmp_path / "free"
+
+
 def run_scenario(
     tmp_path: Path, detection_bundle: Path, retrieval_bundle: Path
 ) -> None:
-    registry = write_images(tmp_path / "registry", range(REGISTERED))
-    free = write_images(tmp_path / "free", range(1000, 1000 + FREE))
+    registry_dir, free_dir = scenario_images(tmp_path)
+    registry = scan_folder(registry_dir)
+    free = scan_folder(free_dir)
     unregistered = write_images(tmp_path / "other", range(5000, 5001))[0]
     config = StackConfig(
         detection_bundle=detection_bundle,
@@ -87,7 +99,7 @@ def run_scenario(
         assert before["jpeg"].verdict == gateway_pb2.VERDICT_REGISTERED
         assert before["jpeg"].match.id == target.item_id
         unv = before["unregistered"]
-        assert unv.verdict == gateway_pb2.VERDICT_UNVERIFIED
+        assert unv.verdict == gateway_pb2.VERDICT_UNVERIFIED, unv.evidence
         assert len(unv.recommendations) == TOP_N
         assert [r.rank for r in unv.recommendations] == list(range(1, TOP_N + 1))
         assert all(r.collection == "copyright-free" for r in unv.recommendations)
