@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import types
 import typing
@@ -100,6 +101,10 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default="", help="empty: embedded Redis in data-dir")
 
 
+def _raise_keyboard_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_serve(argv: list[str]) -> int:
     from copyfree_cli.stack import LocalStack, StackConfig
 
@@ -127,6 +132,9 @@ def cmd_serve(argv: list[str]) -> int:
             f"\nlogs in {config.data_dir / 'logs'}; Ctrl-C stops everything",
             flush=True,
         )
+        # SIGTERM (systemd, kill, a supervisor) stops the children like Ctrl-C does,
+        # instead of orphaning them on their ports.
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
             stack.wait()
         except KeyboardInterrupt:
@@ -211,6 +219,26 @@ def cmd_demo(argv: list[str]) -> int:
     return run_demo(ns)
 
 
+def cmd_load(argv: list[str]) -> int:
+    from copyfree_cli.load import main as load_main
+
+    return load_main(argv)
+
+
+def cmd_eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="copyfree eval")
+    sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser(
+        "retrieve", add_help=False, help="retrieval mAP report (TBH vs baselines)"
+    )
+    ns, rest = parser.parse_known_args(argv[:1])
+    if ns.what == "retrieve":
+        from copyfree_train.eval_retrieve import main as eval_retrieve
+
+        return eval_retrieve(argv[1:])
+    return 2
+
+
 COMMANDS = {
     "train": cmd_train,
     "export": cmd_export,
@@ -219,6 +247,8 @@ COMMANDS = {
     "check": cmd_check,
     "stats": cmd_stats,
     "demo": cmd_demo,
+    "load": cmd_load,
+    "eval": cmd_eval,
 }
 
 

@@ -11,6 +11,8 @@ import time
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar(
     "request_id", default=""
 )
+# `extra=` keys copied into the JSON line when a record carries them.
+EXTRA_FIELDS = ("method", "code", "duration_ms", "client")
 
 
 class JsonFormatter(logging.Formatter):
@@ -19,7 +21,7 @@ class JsonFormatter(logging.Formatter):
         self._service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "severity": record.levelname,
@@ -30,6 +32,10 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             entry["request_id"] = rid
+        for key in EXTRA_FIELDS:
+            value = record.__dict__.get(key)
+            if value is not None and value != "":
+                entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -3,6 +3,10 @@
 Every business service starts NOT_SERVING and is flipped to SERVING by its main once
 it is ready (model loaded, shard loaded from Redis); the overall "" status is
 SERVING as soon as the process answers, so liveness and readiness probe different names.
+
+Security and limits come from ServiceSettings: TLS on the main port when certificates
+are configured, bearer tokens and per-client limits in the interceptor, and an optional
+plaintext health-only port for kubelet probes (which cannot speak TLS).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from copyfree.serving.auth import TokenTable
 from copyfree.serving.interceptors import ObservabilityInterceptor
+from copyfree.serving.limits import ClientLimiter, Limits
 from copyfree.serving.settings import ServiceSettings
+from copyfree.serving.tls import server_credentials
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,11 @@ class RunningServer:
         health_servicer: health.aio.HealthServicer,
         names: Sequence[str],
         grace_s: float,
+        health_server: grpc.aio.Server | None = None,
+        health_port: int = 0,
     ) -> None:
         self.server, self.port = server, port
+        self.health_server, self.health_port = health_server, health_port
         self._health, self._names, self._grace_s = health_servicer, list(names), grace_s
         self._stop = asyncio.Event()
 
@@ -73,14 +83,34 @@ class RunningServer:
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
         await self.server.stop(self._grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(None)
+
+
+def make_interceptor(settings: ServiceSettings) -> ObservabilityInterceptor:
+    """The interceptor for these settings (reads the token file: fails at start, not
+    on the first call, when it is missing or malformed)."""
+    tokens = TokenTable.from_sources(
+        settings.auth_tokens_file,
+        settings.auth_tokens.get_secret_value() if settings.auth_tokens else None,
+    )
+    default = Limits(
+        settings.client_max_in_flight, settings.client_rate_per_s, settings.client_burst
+    )
+    # Per-token limits need the limiter even when the service default is unlimited.
+    limiter = ClientLimiter(default) if default.active or tokens is not None else None
+    return ObservabilityInterceptor(
+        tokens=tokens, limiter=limiter, access_log=settings.access_log
+    )
 
 
 async def start_server(
     settings: ServiceSettings, services: Sequence[Service]
 ) -> RunningServer:
     server = grpc.aio.server(
-        interceptors=[ObservabilityInterceptor()],
+        interceptors=[make_interceptor(settings)],
         options=channel_options(settings.max_message_bytes),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -91,21 +121,52 @@ async def start_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    creds = server_credentials(settings)
+    if creds is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, creds)
     if port == 0:
-        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+        raise RuntimeError(f"could not bind {address}")
+    health_server, health_port = None, 0
+    if settings.health_port:
+        # Health only (same servicer, so both ports report the same status).
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(
+            f"{settings.host}:{settings.health_port}"
+        )
+        if health_port == 0:
+            raise RuntimeError(f"could not bind health port {settings.health_port}")
+        await health_server.start()
     await server.start()
     return RunningServer(
-        server, port, health_servicer, names, settings.shutdown_grace_s
+        server,
+        port,
+        health_servicer,
+        names,
+        settings.shutdown_grace_s,
+        health_server,
+        health_port,
     )
 
 
 async def wait_until_serving(
-    address: str, service: str, *, timeout_s: float = 60.0
+    address: str,
+    service: str,
+    *,
+    timeout_s: float = 60.0,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
     """Poll a server's health until `service` is SERVING (for clients and tests)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    async with grpc.aio.insecure_channel(address) as channel:
+    channel = (
+        grpc.aio.insecure_channel(address)
+        if credentials is None
+        else grpc.aio.secure_channel(address, credentials)
+    )
+    async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -211,3 +211,61 @@ class GatewayStatsResponse(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     shards: _containers.RepeatedCompositeFieldContainer[_index_pb2.StatsResponse]
     def __init__(self, shards: _Optional[_Iterable[_Union[_index_pb2.StatsResponse, _Mapping]]] = ...) -> None: ...
+
+class ListAuditRequest(_message.Message):
+    __slots__ = ("limit", "before", "since_unix_ms", "caller")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    before: str
+    since_unix_ms: int
+    caller: str
+    def __init__(self, limit: _Optional[int] = ..., before: _Optional[str] = ..., since_unix_ms: _Optional[int] = ..., caller: _Optional[str] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("id", "time_unix_ms", "request_id", "caller", "status", "verdict", "collection", "matched_id", "hamming", "cosine", "evidence", "detection_model", "retrieval_model", "recommended_ids", "image_sha256", "image_bytes", "duration_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_ID_FIELD_NUMBER: _ClassVar[int]
+    HAMMING_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    DETECTION_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDED_IDS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    time_unix_ms: int
+    request_id: str
+    caller: str
+    status: str
+    verdict: Verdict
+    collection: str
+    matched_id: str
+    hamming: int
+    cosine: float
+    evidence: DetectionEvidence
+    detection_model: _common_pb2.ModelRef
+    retrieval_model: _common_pb2.ModelRef
+    recommended_ids: _containers.RepeatedScalarFieldContainer[str]
+    image_sha256: str
+    image_bytes: int
+    duration_ms: float
+    def __init__(self, id: _Optional[str] = ..., time_unix_ms: _Optional[int] = ..., request_id: _Optional[str] = ..., caller: _Optional[str] = ..., status: _Optional[str] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., collection: _Optional[str] = ..., matched_id: _Optional[str] = ..., hamming: _Optional[int] = ..., cosine: _Optional[float] = ..., evidence: _Optional[_Union[DetectionEvidence, _Mapping]] = ..., detection_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., retrieval_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., recommended_ids: _Optional[_Iterable[str]] = ..., image_sha256: _Optional[str] = ..., image_bytes: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
+
+class ListAuditResponse(_message.Message):
+    __slots__ = ("entries", "next_cursor")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    next_cursor: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., next_cursor: _Optional[str] = ...) -> None: ...

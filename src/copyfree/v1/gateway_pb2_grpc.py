@@ -67,6 +67,11 @@ class GatewayServiceStub:
                 request_serializer=copyfree_dot_v1_dot_encoder__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=copyfree_dot_v1_dot_encoder__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/copyfree.v1.GatewayService/ListAudit',
+                request_serializer=copyfree_dot_v1_dot_gateway__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=copyfree_dot_v1_dot_gateway__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -117,6 +122,14 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAudit(self, request, context):
+        """Admin: the audit log of Check calls, newest first (needs scope "admin"; audit
+        must be on: GATEWAY_REDIS_URL set, else FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +162,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=copyfree_dot_v1_dot_encoder__pb2.ModelInfoRequest.FromString,
                     response_serializer=copyfree_dot_v1_dot_encoder__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=copyfree_dot_v1_dot_gateway__pb2.ListAuditRequest.FromString,
+                    response_serializer=copyfree_dot_v1_dot_gateway__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +333,33 @@ class GatewayService:
             '/copyfree.v1.GatewayService/ModelInfo',
             copyfree_dot_v1_dot_encoder__pb2.ModelInfoRequest.SerializeToString,
             copyfree_dot_v1_dot_encoder__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/copyfree.v1.GatewayService/ListAudit',
+            copyfree_dot_v1_dot_gateway__pb2.ListAuditRequest.SerializeToString,
+            copyfree_dot_v1_dot_gateway__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,
