@@ -37,9 +37,19 @@ async def serve(
     url = settings.redis_url
     if not url:
         # In this (main) thread: the child gets SIGTERM if this process dies.
-        embedded = start_redis(settings.data_dir, stop_with_parent=True)
+        embedded = start_redis(
+            settings.data_dir,
+            appendfsync=settings.redis_appendfsync,
+            stop_with_parent=True,
+        )
         url = embedded.url
-    store = RedisShardStore.from_url(url, shard_id=settings.shard_id)
+    cluster = {"auto": None, "yes": True, "no": False}[settings.redis_cluster]
+    store = RedisShardStore.from_url(
+        url,
+        shard_id=settings.shard_id,
+        cluster=cluster,
+        num_shards=settings.num_shards,
+    )
     servicer = IndexServicer(ShardIndex(), store, settings)
     running: RunningServer | None = None
     try:
@@ -55,6 +65,13 @@ async def serve(
         await wait_for_store(
             store, settings.redis_wait_s, what=f"redis at {_safe(url)}"
         )
+        durability = await asyncio.to_thread(store.durability)
+        log.info("redis durability: %s", durability)
+        if durability.get("appendonly") == "no":
+            log.warning(
+                "redis has AOF off: acknowledged writes since the last RDB save are "
+                "lost if Redis crashes (set appendonly yes)"
+            )
         await servicer.load(freeze_gc=True)
         await running.mark_serving()
         log.info("index shard %d serving", settings.shard_id)

@@ -3,36 +3,45 @@
 Validates requests, writes every change to the store *before* applying it to memory
 (so an acknowledged item is always in Redis, and a failed write changes nothing), and
 runs CPU work in threads. Raises copyfree.errors.*; the interceptor maps them.
+
+Upsert receives the request's raw bytes (the wire contract is unchanged): the common
+case is read column-wise by copyfree_index.wire, without a Python object per item;
+anything the fast path declines, and every invalid request, goes through protobuf and
+the per-field checks below, so error messages are the same either way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
 import re
 from collections.abc import Sequence
 
+import grpc
 import numpy as np
+from numpy.typing import NDArray
 
 from copyfree import codes, routing
 from copyfree.errors import FailedPrecondition, InvalidInput, Unavailable
 from copyfree.serving import ServicerContext
-from copyfree.serving.metrics import INDEX_ITEMS
+from copyfree.serving.metrics import INDEX_COLLECTION_MODEL, INDEX_ITEMS
 from copyfree.serving.server import Service
 from copyfree.v1 import common_pb2, index_pb2, index_pb2_grpc
 from copyfree_index import INDEX_SERVICE_NAME
+from copyfree_index.ragged import Ragged, hash_items
 from copyfree_index.settings import MAX_CANDIDATES_LIMIT, IndexSettings
 from copyfree_index.shard import (
     CollectionKind,
     CollectionSpec,
     DetectHit,
     ItemBatch,
-    Metadata,
     ModelRef,
     ShardIndex,
 )
 from copyfree_index.store import LoadReport, ShardStore
+from copyfree_index.wire import UpsertColumns, parse_upsert
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         self._ready = False
         # One lock per collection: the store's log order is the memory order.
         self._locks: dict[str, asyncio.Lock] = {}
+        # Background compactions, one per collection at a time (strong references).
+        self._compacting: dict[str, asyncio.Task[None]] = {}
 
     @property
     def ready(self) -> bool:
@@ -98,9 +109,84 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     # ------------------------------------------------------------------ writes
 
     async def Upsert(
-        self, request: index_pb2.UpsertRequest, context: ServicerContext
+        self, request: bytes | index_pb2.UpsertRequest, context: ServicerContext
     ) -> index_pb2.UpsertResponse:
         self._require_ready()
+        if isinstance(request, bytes):
+            prepared = await asyncio.to_thread(self._prepare_raw, request)
+        else:
+            prepared = await asyncio.to_thread(self._prepare, request)
+        if prepared is None:
+            return index_pb2.UpsertResponse()
+        spec, batch = prepared
+        # Shielded: a client that cancels mid-write must not leave an item in the
+        # store but not in memory; the write and the apply finish together.
+        upserted, replaced = await asyncio.shield(self._upsert(spec, batch))
+        return index_pb2.UpsertResponse(upserted=upserted, replaced=replaced)
+
+    def _prepare_raw(self, raw: bytes) -> tuple[CollectionSpec, ItemBatch] | None:
+        """Fast path when the bytes are ordinary and valid; else protobuf."""
+        cols = parse_upsert(raw)
+        if cols is not None:
+            prepared = self._fast_batch(cols)
+            if prepared is not None:
+                return prepared
+        return self._prepare(index_pb2.UpsertRequest.FromString(raw))
+
+    def _fast_batch(
+        self, cols: UpsertColumns
+    ) -> tuple[CollectionSpec, ItemBatch] | None:
+        """None unless every check passes (the slow path then names the problem)."""
+        n = cols.count
+        if n == 0 or n > MAX_ITEMS_PER_REQUEST:
+            return None
+        try:
+            name = _check_collection(cols.collection.decode())
+            kind = _check_kind(cols.kind)
+            model = _check_model(common_pb2.ModelRef.FromString(cols.model))
+        except (InvalidInput, ValueError):
+            return None
+        chars = cols.ids.char_counts()
+        if chars.min() < 1 or chars.max() > MAX_ID_CHARS:
+            return None
+        if _has_repeats(cols.ids):
+            return None
+        if self._settings.num_shards > 1 and np.any(
+            _owners(cols.ids, self._settings.num_shards) != self._settings.shard_id
+        ):
+            return None
+        if kind is CollectionKind.REGISTRY:
+            spec = CollectionSpec.registry(name, model)
+            first, second = cols.first_key, cols.second_key
+            if np.any(first[1] != spec.code_bytes) or np.any(
+                second[1] != 2 * spec.vector_dim
+            ):
+                return None
+            codes_ = cols.gather(first, spec.code_bytes)
+            raw_vectors = cols.gather(second, 2 * spec.vector_dim)
+            vectors = raw_vectors.view("<i2").astype(np.int16, copy=False)
+        else:
+            bits = int(cols.code_bits[0])
+            if bits not in codes.SUPPORTED_CODE_BITS:
+                return None
+            fine_len = int(cols.fine[1][0])
+            if fine_len > MAX_FINE_BYTES or np.any(cols.code_bits != bits):
+                return None
+            spec = CollectionSpec(name, kind, model, bits, fine_len)
+            if np.any(cols.code[1] != spec.code_bytes) or np.any(
+                cols.fine[1] != fine_len
+            ):
+                return None
+            codes_ = cols.gather(cols.code, spec.code_bytes)
+            vectors = cols.gather(cols.fine, fine_len).view(np.int8)
+        batch = ItemBatch(
+            cols.ids, codes_, vectors.reshape(n, spec.vector_dim), cols.metadata
+        )
+        return spec, batch
+
+    def _prepare(
+        self, request: index_pb2.UpsertRequest
+    ) -> tuple[CollectionSpec, ItemBatch] | None:
         name = _check_collection(request.collection)
         kind = _check_kind(request.kind)
         model = _check_model(request.model)
@@ -110,7 +196,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
                 f"items: at most {MAX_ITEMS_PER_REQUEST} per request, got {len(items)}"
             )
         if not items:
-            return index_pb2.UpsertResponse()
+            return None
         ids = [item.id for item in items]
         self._check_ids(ids, "items[{i}].id")
         seen: set[str] = set()
@@ -119,21 +205,14 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
                 raise InvalidInput(f"items[{i}].id {item_id!r} appears twice")
             seen.add(item_id)
         spec = _requested_spec(name, kind, model, items)
-        # Shielded: a client that cancels mid-write must not leave an item in the
-        # store but not in memory; the write and the apply finish together.
-        upserted, replaced = await asyncio.shield(self._upsert(spec, items))
-        return index_pb2.UpsertResponse(upserted=upserted, replaced=replaced)
+        return spec, _build_batch(spec, items)
 
-    async def _upsert(
-        self, spec: CollectionSpec, items: Sequence[index_pb2.IndexItem]
-    ) -> tuple[int, int]:
+    async def _upsert(self, spec: CollectionSpec, batch: ItemBatch) -> tuple[int, int]:
         async with self._lock(spec.name):
             self._shard.check_upsert(spec)
-            batch = await asyncio.to_thread(_build_batch, spec, items)
             await asyncio.to_thread(self._store.append_upsert, spec, batch)
             result = await asyncio.to_thread(self._shard.upsert, spec, batch)
-            await self._compact_if_needed(spec.name)
-        self._export_count(spec.name)
+        self._after_write(spec.name)
         return result
 
     async def Delete(
@@ -158,8 +237,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             if present and spec is not None:
                 await asyncio.to_thread(self._store.append_delete, spec, present)
             result = self._shard.delete(name, ids)
-            await self._compact_if_needed(name)
-        self._export_count(name)
+        self._after_write(name)
         return result
 
     # ---------------------------------------------------------------- searches
@@ -222,7 +300,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
                     id=h.id,
                     hamming=h.hamming,
                     fine_cosine=h.fine_cosine,
-                    metadata=_metadata_pb(h.metadata),
+                    metadata=common_pb2.WorkMetadata.FromString(h.metadata_raw),
                 )
                 for h in result.hits
             ],
@@ -283,6 +361,27 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
+    def _after_write(self, name: str) -> None:
+        """Metrics, and a compaction in the background when tombstones outnumber
+        half the rows: the write that crossed the line is acknowledged at once;
+        the rewrite then takes the collection's write lock like any write."""
+        self._export_count(name)
+        if self._shard.needs_compaction(name) and name not in self._compacting:
+            self._compacting[name] = asyncio.create_task(self._compact_later(name))
+
+    async def _compact_later(self, name: str) -> None:
+        try:
+            async with self._lock(name):
+                await self._compact_if_needed(name)
+        finally:
+            self._compacting.pop(name, None)
+        self._export_count(name)
+
+    async def compactions_done(self) -> None:
+        """Wait for background compactions (tests; a clean shutdown)."""
+        while self._compacting:
+            await asyncio.gather(*self._compacting.values(), return_exceptions=True)
+
     async def _compact_if_needed(self, name: str) -> None:
         """Rewrite the log (then memory) once tombstones outnumber half the rows.
 
@@ -306,6 +405,10 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         for s in self._shard.stats():
             if s.spec.name == name:
                 INDEX_ITEMS.labels(str(self._settings.shard_id), name).set(s.items)
+                INDEX_COLLECTION_MODEL.labels(
+                    str(self._settings.shard_id), name, s.spec.model.name,
+                    s.spec.model.version,
+                ).set(1)  # fmt: skip
 
 
 def _load_without_gc(store: ShardStore, shard: ShardIndex, freeze: bool) -> LoadReport:
@@ -323,9 +426,47 @@ def _load_without_gc(store: ShardStore, shard: ShardIndex, freeze: bool) -> Load
 
 
 def as_service(servicer: IndexServicer) -> Service:
-    return Service(
-        INDEX_SERVICE_NAME, index_pb2_grpc.add_IndexServiceServicer_to_server, servicer
+    return Service(INDEX_SERVICE_NAME, add_to_server, servicer)
+
+
+def add_to_server(servicer: IndexServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_IndexServiceServicer_to_server, except that Upsert gets
+    the request bytes (same wire contract; see the module docstring)."""
+    methods = {
+        "Upsert": grpc.unary_unary_rpc_method_handler(
+            servicer.Upsert,
+            request_deserializer=None,
+            response_serializer=index_pb2.UpsertResponse.SerializeToString,
+        )
+    }
+    for name, request, response in (
+        ("Delete", index_pb2.DeleteRequest, index_pb2.DeleteResponse),
+        ("Detect", index_pb2.DetectRequest, index_pb2.DetectResponse),
+        ("Similar", index_pb2.SimilarRequest, index_pb2.SimilarResponse),
+        ("Stats", index_pb2.StatsRequest, index_pb2.StatsResponse),
+    ):
+        methods[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+    handler = grpc.method_handlers_generic_handler(INDEX_SERVICE_NAME, methods)
+    server.add_generic_rpc_handlers((handler,))
+    server.add_registered_method_handlers(INDEX_SERVICE_NAME, methods)
+
+
+def _has_repeats(ids: Ragged) -> bool:
+    """Whether an id occurs twice (equal hashes are confirmed by the slow path)."""
+    hashes = hash_items(ids)
+    return int(np.unique(hashes).size) != hashes.size
+
+
+def _owners(ids: Ragged, num_shards: int) -> NDArray[np.uint64]:
+    """routing.shard_for for every id (same blake2b digest, read as big-endian)."""
+    digests = b"".join(
+        hashlib.blake2b(b, digest_size=8).digest() for b in ids.to_bytes()
     )
+    return np.frombuffer(digests, ">u8") % np.uint64(num_shards)
 
 
 # --------------------------------------------------------------- request parsing
@@ -410,10 +551,10 @@ def _build_batch(
         vectors = np.frombuffer(b"".join(fine), np.int8).copy()
     packed = np.frombuffer(b"".join(first), np.uint8).reshape(n, spec.code_bytes)
     return ItemBatch(
-        [it.id for it in items],
+        Ragged.from_strings([it.id for it in items]),
         packed.copy(),
         vectors.reshape(n, spec.vector_dim),
-        [_metadata(it.metadata) for it in items],
+        Ragged.from_bytes([it.metadata.SerializeToString() for it in items]),
     )
 
 
@@ -425,17 +566,10 @@ def _check_lengths(values: list[bytes], want: int, field: str, unit: str) -> Non
             )
 
 
-def _metadata(m: common_pb2.WorkMetadata) -> Metadata:
-    return Metadata(m.title, m.owner, m.licence, m.source)
-
-
-def _metadata_pb(m: Metadata) -> common_pb2.WorkMetadata:
-    return common_pb2.WorkMetadata(
-        title=m.title, owner=m.owner, licence=m.licence, source=m.source
-    )
-
-
 def _candidate(h: DetectHit) -> index_pb2.DetectCandidate:
     return index_pb2.DetectCandidate(
-        id=h.id, hamming=h.hamming, cosine=h.cosine, metadata=_metadata_pb(h.metadata)
+        id=h.id,
+        hamming=h.hamming,
+        cosine=h.cosine,
+        metadata=common_pb2.WorkMetadata.FromString(h.metadata_raw),
     )

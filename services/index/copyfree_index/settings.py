@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -29,6 +29,15 @@ class IndexSettings(ServiceSettings):
     data_dir: Path = Path("./.copyfree/redis")
     # How long to keep retrying (with backoff) to reach Redis at start before exiting.
     redis_wait_s: float = Field(60.0, gt=0)
+    # "auto": ask the server (INFO cluster) and use a cluster client for a cluster
+    # node; "yes"/"no" skip the question.
+    redis_cluster: Literal["auto", "yes", "no"] = "auto"
+    # Embedded Redis only (an external Redis is configured by its operator; the shard
+    # logs what it finds): AOF fsync policy. "always": an acknowledged write is on
+    # disk; "everysec": survives a crash of Redis (the write is in the OS page
+    # cache), may lose up to ~1 s of writes on an OS crash or power loss; "no": the OS
+    # decides when to flush (~30 s on Linux).
+    redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
     # Detect: stage-1 candidates returned when the request leaves max_candidates at 0.
     max_candidates: int = Field(DEFAULT_MAX_CANDIDATES, ge=1, le=MAX_CANDIDATES_LIMIT)
 

@@ -5,19 +5,27 @@ Cluster can spread collections and shards while each one's keys share a slot):
 
     copyfree:v1:{<collection>:<shard>}:meta   HASH  format, kind, model_name,
                                                     model_version, code_bits, fine_dim
+                                                    [, shards]
     copyfree:v1:{<collection>:<shard>}:log    LIST  binary segments, oldest first
     copyfree:v1:collections:<shard>           SET   collection names of the shard
 
 One Upsert or Delete = one MULTI/EXEC (HSET meta + RPUSH one segment), done before the
-RPC is acknowledged. A restart replays every segment in order (LRANGE in chunks, numpy
-decoding). Compaction replaces the log by snapshot segments of the live rows in one
-MULTI/EXEC (DEL + RPUSH), so a reader sees either the old log or the new one.
+RPC is acknowledged. A restart reads every segment in order (LRANGE in ~32 MB
+chunks) and replays the whole log in a few vectorised passes (ShardIndex.bulk_load).
+Compaction replaces the log by snapshot segments of the live rows in one MULTI/EXEC
+(DEL + RPUSH), so a reader sees either the old log or the new one. `shards`, when
+present, is the shard count the data was partitioned for (written by the
+re-sharding command); a shard configured for another count refuses to load.
 
-Segment format, version 1 (all integers little-endian):
+Why a list of columnar segments: the load path is one LRANGE reply per ~32 MB and
+numpy views into it (~2-3M rows/s measured with the parsing and tables included),
+where one Redis hash per item loads at ~30k items/s (docs/benchmarks.md).
+
+Segment format, version 2 (all integers little-endian):
 
     offset  size  field
     0       4     magic b"CFSG"
-    4       1     format version = 1
+    4       1     format version = 2
     5       1     op: 1 = upsert (rows to insert or replace), 2 = delete (tombstones)
     6       1     vector element size in bytes: 2 = int16 (registry second keys),
                   1 = int8 (copyright-free fine codes), 0 = no vectors (delete)
@@ -25,16 +33,20 @@ Segment format, version 1 (all integers little-endian):
     8       4     count: rows (upsert) or ids (delete)
     12      2     code_bytes: bytes per packed code (8 for first keys; 0 for delete)
     14      2     vector_dim: vector elements per row (0 for delete)
-    16      4     json_len
-    20            codes: count * code_bytes bytes, packed MSB-first as on the wire
+    16      4     id_bytes: total UTF-8 bytes of the ids
+    20      4     meta_bytes: total bytes of the metadata records (0 for delete)
+    24            codes: count * code_bytes bytes, packed MSB-first as on the wire
                   vectors: count * vector_dim * element size bytes
-                  json: UTF-8 {"ids": [...], "metadata": [[title, owner, licence,
-                        source], ...]} with trailing empty strings dropped
-                        (delete: {"ids": [...]})
+                  id lengths: count * uint16
+                  metadata lengths: count * uint32 (upsert only)
+                  ids: id_bytes of UTF-8, concatenated
+                  metadata: meta_bytes, one copyfree.v1.WorkMetadata message
+                        (protobuf wire form) per row, concatenated
 
-Replay is idempotent per id (an upsert replaces, a delete of a dead id is a no-op), so
-a segment written twice (a client retry after a lost reply) changes nothing.
-A reader refuses segments of a newer format version instead of guessing.
+Version 1 (JSON ids and metadata after the vectors) is still read. Replay is
+idempotent per id (an upsert replaces, a delete of a dead id is a no-op), so a segment
+written twice (a client retry after a lost reply) changes nothing. A reader refuses
+segments of a newer format version instead of guessing.
 """
 
 from __future__ import annotations
@@ -45,32 +57,35 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import redis
+import redis.cluster
 
-from copyfree.errors import Unavailable
+from copyfree.errors import FailedPrecondition, Unavailable
+from copyfree_index.ragged import Metadata, Ragged
 from copyfree_index.shard import (
     CollectionKind,
     CollectionSpec,
     ItemBatch,
-    Metadata,
     ModelRef,
     ShardIndex,
 )
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"CFSG"
 OP_UPSERT, OP_DELETE = 1, 2
 KEY_PREFIX = "copyfree:v1"
 SNAPSHOT_ROWS_PER_SEGMENT = 10_000  # like the largest Upsert: segments stay ~MBs
 LOAD_CHUNK_BYTES = 32 * 1024 * 1024  # target size of one LRANGE reply at load
-_HEADER = struct.Struct("<4sBBBBIHHI")
+MAX_ID_BYTES = 65_535
+_HEADER_V1 = struct.Struct("<4sBBBBIHHI")
+_HEADER = struct.Struct("<4sBBBBIHHII")
 _KIND_NAMES = {
     CollectionKind.REGISTRY: "registry",
     CollectionKind.COPYRIGHT_FREE: "copyright_free",
@@ -83,7 +98,10 @@ _KINDS = {v: k for k, v in _KIND_NAMES.items()}
 
 @dataclass(frozen=True)
 class Deletion:
-    ids: list[str]
+    ids: Ragged
+
+    def id_list(self) -> list[str]:
+        return self.ids.to_strings()
 
 
 Record = ItemBatch | Deletion
@@ -92,11 +110,9 @@ Record = ItemBatch | Deletion
 def encode_upsert(batch: ItemBatch) -> bytes:
     codes = np.ascontiguousarray(batch.codes, dtype=np.uint8)
     vectors = np.ascontiguousarray(batch.vectors)
-    body = json.dumps(
-        {"ids": batch.ids, "metadata": [m.to_list() for m in batch.metadata]},
-        ensure_ascii=False,
-        separators=(",", ":"),
-    ).encode()
+    id_len = batch.ids.lengths()
+    if id_len.size and int(id_len.max()) > MAX_ID_BYTES:
+        raise ValueError(f"an id is longer than {MAX_ID_BYTES} bytes")
     header = _HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
@@ -106,35 +122,42 @@ def encode_upsert(batch: ItemBatch) -> bytes:
         len(batch),
         codes.shape[1],
         vectors.shape[1],
-        len(body),
+        batch.ids.nbytes,
+        batch.metadata.nbytes,
     )
     return b"".join(
         (
             header,
             codes.tobytes(),
             vectors.astype(vectors.dtype.newbyteorder("<"), copy=False).tobytes(),
-            body,
+            id_len.astype("<u2").tobytes(),
+            batch.metadata.lengths().astype("<u4").tobytes(),
+            batch.ids.data[: batch.ids.nbytes].tobytes(),
+            batch.metadata.data[: batch.metadata.nbytes].tobytes(),
         )
     )
 
 
-def encode_delete(ids: Sequence[str]) -> bytes:
-    body = json.dumps(
-        {"ids": list(ids)}, ensure_ascii=False, separators=(",", ":")
-    ).encode()
+def encode_delete(ids: Sequence[str] | Ragged) -> bytes:
+    items = ids if isinstance(ids, Ragged) else Ragged.from_strings(list(ids))
     header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, OP_DELETE, 0, 0, len(ids), 0, 0, len(body)
+        MAGIC, FORMAT_VERSION, OP_DELETE, 0, 0, len(items), 0, 0, items.nbytes, 0
     )
-    return header + body
+    return b"".join(
+        (
+            header,
+            items.lengths().astype("<u2").tobytes(),
+            items.data[: items.nbytes].tobytes(),
+        )
+    )
 
 
 def decode_segment(data: bytes, spec: CollectionSpec) -> Record:
-    """One segment -> ItemBatch or Deletion; checks it against the collection's spec."""
-    if len(data) < _HEADER.size:
+    """One segment -> ItemBatch or Deletion (numpy views into `data`); checks it
+    against the collection's spec."""
+    if len(data) < _HEADER_V1.size:
         raise ValueError(f"segment of {len(data)} bytes is shorter than its header")
-    magic, version, op, itemsize, _, count, code_bytes, dim, json_len = (
-        _HEADER.unpack_from(data)
-    )
+    magic, version = data[:4], data[4]
     if magic != MAGIC:
         raise ValueError(f"not a copyfree segment (magic {magic!r})")
     if version > FORMAT_VERSION:
@@ -142,14 +165,48 @@ def decode_segment(data: bytes, spec: CollectionSpec) -> Record:
             f"segment format version {version} is newer than this index reads "
             f"({FORMAT_VERSION}): upgrade the index before loading this data"
         )
+    if version == 1:
+        return _decode_v1(data, spec)
+    if len(data) < _HEADER.size:
+        raise ValueError(f"segment of {len(data)} bytes is shorter than its header")
+    _, _, op, itemsize, _, count, code_bytes, dim, id_bytes, meta_bytes = (
+        _HEADER.unpack_from(data)
+    )
     offset = _HEADER.size
     if op == OP_DELETE:
-        ids = json.loads(data[offset : offset + json_len])["ids"]
-        if len(ids) != count:
-            raise ValueError(f"delete segment says {count} ids, holds {len(ids)}")
-        return Deletion(ids)
+        if len(data) != offset + 2 * count + id_bytes:
+            raise ValueError(f"segment of {len(data)} bytes is truncated or padded")
+        id_len = np.frombuffer(data, "<u2", count, offset)
+        ids = np.frombuffer(data, np.uint8, id_bytes, offset + 2 * count)
+        return Deletion(Ragged.from_lengths(ids, id_len))
     if op != OP_UPSERT:
         raise ValueError(f"unknown segment op {op}")
+    dtype = _check_rows(spec, code_bytes, dim, itemsize)
+    codes_len, vectors_len = count * code_bytes, count * dim * itemsize
+    size = offset + codes_len + vectors_len + 6 * count + id_bytes + meta_bytes
+    if len(data) != size:
+        raise ValueError(f"segment of {len(data)} bytes is truncated or padded")
+    codes = np.frombuffer(data, np.uint8, codes_len, offset).reshape(count, code_bytes)
+    offset += codes_len
+    vectors = np.frombuffer(data, dtype, count * dim, offset).reshape(count, dim)
+    offset += vectors_len
+    id_len = np.frombuffer(data, "<u2", count, offset)
+    offset += 2 * count
+    meta_len = np.frombuffer(data, "<u4", count, offset)
+    offset += 4 * count
+    ids = np.frombuffer(data, np.uint8, id_bytes, offset)
+    meta = np.frombuffer(data, np.uint8, meta_bytes, offset + id_bytes)
+    return ItemBatch(
+        Ragged.from_lengths(ids, id_len),
+        codes,
+        vectors.astype(spec.vector_dtype, copy=False),
+        Ragged.from_lengths(meta, meta_len),
+    )
+
+
+def _check_rows(
+    spec: CollectionSpec, code_bytes: int, dim: int, itemsize: int
+) -> np.dtype[Any]:
     dtype = spec.vector_dtype.newbyteorder("<")
     if (code_bytes, dim, itemsize) != (
         spec.code_bytes,
@@ -161,6 +218,23 @@ def decode_segment(data: bytes, spec: CollectionSpec) -> Record:
             f"do not match collection {spec.name!r} ({spec.code_bytes} code bytes, "
             f"{spec.vector_dim} x {dtype.itemsize}-byte vectors)"
         )
+    return dtype
+
+
+def _decode_v1(data: bytes, spec: CollectionSpec) -> Record:
+    """Format 1: the same header without meta_bytes, JSON ids and metadata."""
+    _, _, op, itemsize, _, count, code_bytes, dim, json_len = _HEADER_V1.unpack_from(
+        data
+    )
+    offset = _HEADER_V1.size
+    if op == OP_DELETE:
+        ids = json.loads(data[offset : offset + json_len])["ids"]
+        if len(ids) != count:
+            raise ValueError(f"delete segment says {count} ids, holds {len(ids)}")
+        return Deletion(Ragged.from_strings(ids))
+    if op != OP_UPSERT:
+        raise ValueError(f"unknown segment op {op}")
+    dtype = _check_rows(spec, code_bytes, dim, itemsize)
     codes_len, vectors_len = count * code_bytes, count * dim * itemsize
     if len(data) != offset + codes_len + vectors_len + json_len:
         raise ValueError(f"segment of {len(data)} bytes is truncated or padded")
@@ -172,11 +246,11 @@ def decode_segment(data: bytes, spec: CollectionSpec) -> Record:
     ids, metas = body["ids"], body["metadata"]
     if len(ids) != count or len(metas) != count:
         raise ValueError(f"upsert segment says {count} rows, holds {len(ids)} ids")
-    return ItemBatch(
+    return ItemBatch.of(
         ids,
         codes,
         vectors.astype(spec.vector_dtype, copy=False),
-        [Metadata.from_list(m) for m in metas],
+        [Metadata(*m[:4]) for m in metas],
     )
 
 
@@ -184,20 +258,13 @@ def snapshot_segments(batch: ItemBatch) -> list[bytes]:
     """The live rows of a collection as upsert segments of bounded size."""
     step = SNAPSHOT_ROWS_PER_SEGMENT
     return [
-        encode_upsert(
-            ItemBatch(
-                batch.ids[i : i + step],
-                batch.codes[i : i + step],
-                batch.vectors[i : i + step],
-                batch.metadata[i : i + step],
-            )
-        )
+        encode_upsert(batch.slice(i, min(i + step, len(batch))))
         for i in range(0, len(batch), step)
     ]
 
 
-def meta_fields(spec: CollectionSpec) -> dict[str, str]:
-    return {
+def meta_fields(spec: CollectionSpec, shards: int | None = None) -> dict[str, str]:
+    fields = {
         "format": str(FORMAT_VERSION),
         "kind": _KIND_NAMES[spec.kind],
         "model_name": spec.model.name,
@@ -205,6 +272,9 @@ def meta_fields(spec: CollectionSpec) -> dict[str, str]:
         "code_bits": str(spec.code_bits),
         "fine_dim": str(spec.vector_dim),
     }
+    if shards is not None:
+        fields["shards"] = str(shards)
+    return fields
 
 
 def spec_from_meta(name: str, fields: dict[str, str]) -> CollectionSpec:
@@ -215,6 +285,30 @@ def spec_from_meta(name: str, fields: dict[str, str]) -> CollectionSpec:
         int(fields["code_bits"]),
         int(fields["fine_dim"]),
     )
+
+
+class LogReplay:
+    """Collects a collection's decoded log for ShardIndex.bulk_load: upserts in
+    order, and each delete with the number of rows upserted before it."""
+
+    def __init__(self, spec: CollectionSpec) -> None:
+        self.spec = spec
+        self.upserts: list[ItemBatch] = []
+        self.deletes: list[tuple[int, Ragged]] = []
+        self.rows = 0
+        self.segments = 0
+
+    def add(self, data: bytes) -> None:
+        record = decode_segment(data, self.spec)
+        if isinstance(record, Deletion):
+            self.deletes.append((self.rows, record.ids))
+        else:
+            self.upserts.append(record)
+            self.rows += len(record)
+        self.segments += 1
+
+    def into(self, shard: ShardIndex) -> None:
+        shard.bulk_load(self.spec, self.upserts, self.deletes)
 
 
 # ---------------------------------------------------------------------- the stores
@@ -251,25 +345,11 @@ class ShardStore(Protocol):
 
 
 def _replay(shard: ShardIndex, spec: CollectionSpec, segments: Iterable[bytes]) -> int:
-    count = 0
-    shard.upsert(spec, _empty_batch(spec))  # the collection exists even if emptied
+    replay = LogReplay(spec)
     for data in segments:
-        record = decode_segment(data, spec)
-        if isinstance(record, Deletion):
-            shard.delete(spec.name, record.ids)
-        else:
-            shard.upsert(spec, record)
-        count += 1
-    return count
-
-
-def _empty_batch(spec: CollectionSpec) -> ItemBatch:
-    return ItemBatch(
-        [],
-        np.zeros((0, spec.code_bytes), np.uint8),
-        np.zeros((0, spec.vector_dim), spec.vector_dtype),
-        [],
-    )
+        replay.add(data)
+    replay.into(shard)  # the collection exists even if emptied
+    return replay.segments
 
 
 def _report(shard: ShardIndex, segments: int, started: float) -> LoadReport:
@@ -281,6 +361,16 @@ def _report(shard: ShardIndex, segments: int, started: float) -> LoadReport:
         sum(s.tombstones for s in stats),
         time.perf_counter() - started,
     )
+
+
+def _check_shards(name: str, fields: dict[str, str], shards: int | None) -> None:
+    recorded = fields.get("shards")
+    if shards is not None and recorded is not None and int(recorded) != shards:
+        raise FailedPrecondition(
+            f"collection {name!r} is partitioned for {recorded} shards in the store, "
+            f"this shard is configured for {shards}: set INDEX_NUM_SHARDS={recorded} "
+            "or re-shard (python -m copyfree_index.reshard)"
+        )
 
 
 class InMemoryShardStore:
@@ -335,34 +425,113 @@ class InMemoryShardStore:
             log_.extend(segments)
 
 
+RedisClient = redis.Redis | redis.cluster.RedisCluster
+RedisClientTypes = (redis.Redis, redis.cluster.RedisCluster)
+
+
+def connect(url: str, *, cluster: bool | None = None, **kwargs: Any) -> RedisClient:
+    """A client for `url`: redis.Redis, or RedisCluster when the server is a cluster
+    node (cluster=None asks the server; True/False skip the question). The same store
+    code runs on both: every multi-key command stays inside one hash-tag slot."""
+    options: dict[str, Any] = {
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        **kwargs,
+    }
+    if cluster is None:
+        probe = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        try:
+            info = probe.info("cluster")
+            cluster = bool(info.get("cluster_enabled"))
+        finally:
+            probe.close()
+    if cluster:
+        options.pop("health_check_interval", None)
+        return redis.cluster.RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
+
+
 class RedisShardStore:
-    """ShardStore on Redis with sync redis-py (thread-safe connection pool)."""
+    """ShardStore on Redis or Redis Cluster with sync redis-py (thread-safe pools)."""
 
     def __init__(
-        self, client: redis.Redis, shard_id: int, *, key_prefix: str = KEY_PREFIX
+        self,
+        client: RedisClient | Callable[[], RedisClient],
+        shard_id: int,
+        *,
+        key_prefix: str = KEY_PREFIX,
+        num_shards: int | None = None,
     ) -> None:
-        self._client, self._shard_id, self._prefix = client, shard_id, key_prefix
+        """`client` may be a factory: it is called on first use, so a shard can start
+        (and wait in ping()) while Redis is still down."""
+        self._client: RedisClient | None = None
+        self._factory: Callable[[], RedisClient] | None = None
+        if callable(client) and not isinstance(client, RedisClientTypes):
+            self._factory = client
+        else:
+            self._client = client  # type: ignore[assignment]
+        self._shard_id, self._prefix = shard_id, key_prefix
+        self._num_shards = num_shards
         self._registered: set[str] = set()
+        self._connect_lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, shard_id: int, **kwargs: Any) -> RedisShardStore:
-        client = redis.Redis.from_url(
-            url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30
+    def from_url(
+        cls,
+        url: str,
+        shard_id: int,
+        *,
+        cluster: bool | None = None,
+        key_prefix: str = KEY_PREFIX,
+        num_shards: int | None = None,
+    ) -> RedisShardStore:
+        return cls(
+            lambda: connect(url, cluster=cluster),
+            shard_id,
+            key_prefix=key_prefix,
+            num_shards=num_shards,
         )
-        return cls(client, shard_id, **kwargs)
+
+    @property
+    def client(self) -> RedisClient:
+        if self._client is None:
+            with self._connect_lock:
+                if self._client is None:
+                    assert self._factory is not None
+                    self._client = self._factory()
+        return self._client
+
+    @property
+    def shard_id(self) -> int:
+        return self._shard_id
 
     def meta_key(self, name: str) -> str:
-        return f"{self._prefix}:{{{name}:{self._shard_id}}}:meta"
+        return meta_key(self._prefix, name, self._shard_id)
 
     def log_key(self, name: str) -> str:
-        return f"{self._prefix}:{{{name}:{self._shard_id}}}:log"
+        return log_key(self._prefix, name, self._shard_id)
 
     @property
     def collections_key(self) -> str:
-        return f"{self._prefix}:collections:{self._shard_id}"
+        return collections_key(self._prefix, self._shard_id)
 
     def ping(self) -> None:
-        self._client.ping()
+        self.client.ping()
+
+    def durability(self) -> dict[str, str]:
+        """appendonly / appendfsync as the server reports them (for the start log)."""
+        try:
+            got: Any = self.client.config_get("append*")
+        except redis.RedisError as e:  # CONFIG may be disabled (managed Redis)
+            return {"error": str(e)}
+        if got and all(isinstance(v, dict) for v in got.values()):
+            got = next(iter(got.values()))  # a cluster answers per node
+        return {
+            _text(k): _text(v)
+            for k, v in got.items()
+            if _text(k) in ("appendonly", "appendfsync")
+        }
 
     def append_upsert(self, spec: CollectionSpec, batch: ItemBatch) -> None:
         self._write(spec, [encode_upsert(batch)] if len(batch) else [])
@@ -374,56 +543,57 @@ class RedisShardStore:
         self._write(spec, snapshot_segments(live), replace=True)
 
     def segment_count(self, name: str) -> int:
-        return int(self._client.llen(self.log_key(name)))
+        return int(self.client.llen(self.log_key(name)))
+
+    def collection_names(self) -> list[str]:
+        return sorted(_text(n) for n in self.client.smembers(self.collections_key))
+
+    def read_meta(self, name: str) -> dict[str, str]:
+        raw = self.client.hgetall(self.meta_key(name))
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     def load(self, shard: ShardIndex) -> LoadReport:
         started, segments = time.perf_counter(), 0
-        names = sorted(_text(n) for n in self._client.smembers(self.collections_key))
-        for name in names:
-            raw = self._client.hgetall(self.meta_key(name))
-            if not raw:
+        for name in self.collection_names():
+            fields = self.read_meta(name)
+            if not fields:
                 # SADD happens before the first MULTI: a crash in between leaves a name
                 # without data, which is harmless.
                 log.warning("collection %r is listed but has no meta; skipped", name)
                 continue
-            fields = {_text(k): _text(v) for k, v in raw.items()}
             if int(fields.get("format", "1")) > FORMAT_VERSION:
                 raise ValueError(
                     f"collection {name!r} uses store format {fields['format']}, newer "
                     f"than this index reads ({FORMAT_VERSION})"
                 )
+            _check_shards(name, fields, self._num_shards)
             spec = spec_from_meta(name, fields)
-            segments += _replay(shard, spec, self._read_log(name))
+            segments += _replay(shard, spec, self.read_log(name))
             self._registered.add(name)
         return _report(shard, segments, started)
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
-    def _read_log(self, name: str) -> Iterator[bytes]:
+    def read_log(self, name: str, key: str | None = None) -> Iterator[bytes]:
         """LRANGE in chunks sized from the segments seen so far (~LOAD_CHUNK_BYTES
         per reply), so many small segments cost few round trips and big ones do
         not make huge replies."""
-        key, start, count = self.log_key(name), 0, 16
-        while True:
-            chunk = self._client.lrange(key, start, start + count - 1)
-            yield from (c if isinstance(c, bytes) else c.encode() for c in chunk)
-            if len(chunk) < count:
-                return
-            start += len(chunk)
-            average = max(1, sum(len(c) for c in chunk) // len(chunk))
-            count = max(1, min(4096, LOAD_CHUNK_BYTES // average))
+        return read_list(self.client, key or self.log_key(name))
 
     def _write(
         self, spec: CollectionSpec, segments: list[bytes], *, replace: bool = False
     ) -> None:
         try:
+            client = self.client
             if spec.name not in self._registered:
                 # Outside the MULTI: in Redis Cluster this key lives in another slot.
-                self._client.sadd(self.collections_key, spec.name)
+                client.sadd(self.collections_key, spec.name)
                 self._registered.add(spec.name)
-            pipe = self._client.pipeline(transaction=True)
-            pipe.hset(self.meta_key(spec.name), mapping=meta_fields(spec))  # type: ignore[arg-type]
+            pipe = client.pipeline(transaction=True)
+            fields = meta_fields(spec, self._num_shards)
+            pipe.hset(self.meta_key(spec.name), mapping=fields)  # type: ignore[arg-type]
             if replace:
                 pipe.delete(self.log_key(spec.name))
             if segments:
@@ -433,6 +603,30 @@ class RedisShardStore:
             raise Unavailable(
                 f"redis write for collection {spec.name!r} failed: {e}"
             ) from e
+
+
+def meta_key(prefix: str, name: str, shard: int) -> str:
+    return f"{prefix}:{{{name}:{shard}}}:meta"
+
+
+def log_key(prefix: str, name: str, shard: int) -> str:
+    return f"{prefix}:{{{name}:{shard}}}:log"
+
+
+def collections_key(prefix: str, shard: int) -> str:
+    return f"{prefix}:collections:{shard}"
+
+
+def read_list(client: RedisClient, key: str) -> Iterator[bytes]:
+    start, count = 0, 16
+    while True:
+        chunk = client.lrange(key, start, start + count - 1)
+        yield from (c if isinstance(c, bytes) else c.encode() for c in chunk)
+        if len(chunk) < count:
+            return
+        start += len(chunk)
+        average = max(1, sum(len(c) for c in chunk) // len(chunk))
+        count = max(1, min(4096, LOAD_CHUNK_BYTES // average))
 
 
 def _text(value: bytes | str) -> str:

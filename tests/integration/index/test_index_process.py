@@ -1,14 +1,11 @@
-"""The shard as a process: `python -m copyfree_index` killed with SIGKILL keeps every
-acknowledged item; `serve()` with an embedded Redis keeps data across restarts."""
+"""The shard as a process, with a real redis-server: SIGKILL of the shard in the middle
+of a 20,000-item ingest and SIGKILL of Redis itself (AOF on) lose no acknowledged
+item; a shard started before Redis waits and becomes ready; `serve()` with an embedded
+Redis keeps data across restarts."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,65 +13,27 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from index_helpers import CVAE, REGISTRY, random_keys, registry_item
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from index_helpers import (
+    CVAE,
+    REGISTRY,
+    ShardProcess,
+    random_keys,
+    registry_item,
+    restart_redis,
+)
 
 from copyfree.serving.server import RunningServer, wait_until_serving
 from copyfree.v1 import index_pb2, index_pb2_grpc
 from copyfree_index import INDEX_SERVICE_NAME
 from copyfree_index.__main__ import serve
-from copyfree_index.embedded_redis import RedisProcess
+from copyfree_index.embedded_redis import RedisProcess, free_port, start_redis
+from copyfree_index.ragged import Metadata
 from copyfree_index.settings import IndexSettings
+from copyfree_index.shard import ShardIndex
+from copyfree_index.store import RedisShardStore
 
 pytestmark = pytest.mark.redis
-
-
-class ShardProcess:
-    """`python -m copyfree_index`, JSON logs in a file; learns its port from them."""
-
-    def __init__(self, redis_url: str, log_path: Path) -> None:
-        env = {
-            **os.environ,
-            "INDEX_HOST": "127.0.0.1",
-            "INDEX_PORT": "0",
-            "INDEX_SHARD_ID": "0",
-            "INDEX_NUM_SHARDS": "1",
-            "INDEX_REDIS_URL": redis_url,
-            "INDEX_REDIS_WAIT_S": "10",
-        }
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "copyfree_index"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def port(self, timeout_s: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in self.log_path.read_text().splitlines():
-                try:
-                    message = json.loads(line)["message"]
-                except (ValueError, KeyError):
-                    continue
-                if "listening on port" in message:
-                    return int(message.split("listening on port ")[1].split()[0])
-            assert self.process.poll() is None, self.log_path.read_text()
-            time.sleep(0.05)
-        raise TimeoutError(self.log_path.read_text())
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-        self._log.close()
-
-    def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(20)
-        self._log.close()
-        return code
 
 
 @pytest.fixture
@@ -101,7 +60,26 @@ def _upsert(items: list[index_pb2.IndexItem]) -> index_pb2.UpsertRequest:
     )
 
 
-async def test_sigkill_loses_no_acknowledged_item(
+def _stored(redis_url: str) -> ShardIndex:
+    """What a fresh shard would load from Redis (read in-process)."""
+    store = RedisShardStore.from_url(redis_url, 0)
+    shard = ShardIndex()
+    store.load(shard)
+    store.close()
+    return shard
+
+
+def _batches(prefix: str, n: int, size: int, rng: np.random.Generator, title: str):
+    return [
+        [
+            registry_item(f"{prefix}{b}-{i}", random_keys(rng), title)
+            for i in range(size)
+        ]
+        for b in range(n)
+    ]
+
+
+async def test_sigkill_mid_ingest_of_20000_items_loses_no_acknowledged_item(
     redis_server: RedisProcess,
     processes: list[ShardProcess],
     tmp_path: Path,
@@ -110,70 +88,151 @@ async def test_sigkill_loses_no_acknowledged_item(
     first = ShardProcess(redis_server.url, tmp_path / "shard-1.log")
     processes.append(first)
     channel, stub = await _serving_stub(first)
-    # phase 1, all acknowledged: 10 batches of 40, then 3 batches replacing ids again
+    # phase 1, all acknowledged: 400 items, then 60 of them replaced (title v2)
     latest: dict[str, str] = {}  # id -> title of its last acknowledged version
-    for b in range(10):
-        ids = [f"w{b}-{i}" for i in range(40)]
-        await stub.Upsert(
-            _upsert([registry_item(i, random_keys(rng), "v1") for i in ids]), timeout=10
-        )
-        latest.update(dict.fromkeys(ids, "v1"))
-    for b in range(3):
-        ids = [f"w{b}-{i}" for i in range(0, 40, 2)]
-        reply = await stub.Upsert(
-            _upsert([registry_item(i, random_keys(rng), "v2") for i in ids]), timeout=10
-        )
-        assert reply.replaced == 20
-        latest.update(dict.fromkeys(ids, "v2"))
+    for batch in _batches("w", 4, 100, rng, "v1"):
+        await stub.Upsert(_upsert(batch), timeout=10)
+        latest.update((it.id, "v1") for it in batch)
+    replace = [
+        registry_item(f"w{b}-{i}", random_keys(rng), "v2")
+        for b in range(3)
+        for i in range(20)
+    ]
+    assert (await stub.Upsert(_upsert(replace), timeout=10)).replaced == 60
+    latest.update((it.id, "v2") for it in replace)
 
-    # phase 2: 30 concurrent upserts of new ids; SIGKILL once some are acknowledged
+    # phase 2: a 20,000-item ingest (40 Upserts of 500, 4 in flight); SIGKILL the
+    # shard once 5,000 are acknowledged
+    batches = _batches("x", 40, 500, rng, "x")
     acked: set[str] = set()
-    attempted: set[str] = set()
+    queue = list(batches)
 
-    async def one(b: int) -> None:
-        ids = [f"x{b}-{i}" for i in range(20)]
-        attempted.update(ids)
-        await stub.Upsert(
-            _upsert([registry_item(i, random_keys(rng), "x") for i in ids]), timeout=10
-        )
-        acked.update(ids)
+    async def sender() -> None:
+        while queue:
+            batch = queue.pop()
+            await stub.Upsert(_upsert(batch), timeout=20)
+            acked.update(it.id for it in batch)
 
-    tasks = [asyncio.create_task(one(b)) for b in range(30)]
-    deadline = time.monotonic() + 10
-    while len(acked) < 60 and time.monotonic() < deadline:
+    tasks = [asyncio.create_task(sender()) for _ in range(4)]
+    deadline = time.monotonic() + 60
+    while len(acked) < 5_000 and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
     first.kill()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     await channel.close()
-    assert len(acked) >= 60
-    assert all(r is None or isinstance(r, grpc.aio.AioRpcError) for r in results)
+    assert 5_000 <= len(acked) < 20_000, len(acked)
+    assert any(isinstance(r, grpc.aio.AioRpcError) for r in results)
 
     second = ShardProcess(redis_server.url, tmp_path / "shard-2.log")
     processes.append(second)
     channel, stub = await _serving_stub(second)
-    everything = index_pb2.DetectRequest(
-        collection="kolaa",
-        model=CVAE,
-        query=random_keys(rng),
-        max_hamming=64,
-        max_candidates=10_000,
-    )
-    reply = await stub.Detect(everything, timeout=10)
     stats = await stub.Stats(index_pb2.StatsRequest(), timeout=10)
+    # an acknowledged item, looked up by its exact key through the new process
+    probe = next(it for batch in batches for it in batch if it.id in acked)
+    reply = await stub.Detect(
+        index_pb2.DetectRequest(
+            collection="kolaa", model=CVAE, query=probe.keys, max_hamming=0
+        ),
+        timeout=10,
+    )
     await channel.close()
     assert second.terminate() == 0  # SIGTERM: graceful stop, exit code 0
+    assert probe.id in [c.id for c in reply.candidates]
 
-    found = [c.id for c in reply.candidates]
-    assert (
-        len(found)
-        == len(set(found))
-        == reply.stage1_count
-        == stats.collections[0].items
+    stored = _stored(redis_server.url)
+    attempted = {it.id for batch in batches for it in batch}
+    (coll_stats,) = stored.stats()
+    live = stored.present("kolaa", sorted(set(latest) | attempted))
+    assert len(live) == len(set(live)) == coll_stats.items == stats.collections[0].items
+    assert acked | set(latest) <= set(live) <= set(latest) | attempted
+    # every acknowledged version: the replaced items carry their last title
+    snap = stored.snapshot("kolaa")
+    titles = {
+        snap.records[r]: snap.records.metadata(r)
+        for r in range(snap.view.rows)
+        if snap.alive[r]
+    }
+    for item_id, title in latest.items():
+        assert Metadata.decode(titles[item_id]).title == title, item_id
+
+
+async def test_redis_killed_and_restarted_with_aof_loses_no_acknowledged_item(
+    redis_server: RedisProcess,
+    processes: list[ShardProcess],
+    tmp_path: Path,
+    rng: np.random.Generator,
+) -> None:
+    """SIGKILL Redis itself (appendfsync everysec: acknowledged writes were written to
+    the AOF before the reply, so they survive a Redis crash) while the shard ingests;
+    writes fail UNAVAILABLE while it is down and succeed again after it restarts."""
+    shard = ShardProcess(redis_server.url, tmp_path / "shard.log")
+    processes.append(shard)
+    channel, stub = await _serving_stub(shard)
+    batches = _batches("r", 60, 200, rng, "t")
+    acked: set[str] = set()
+    failed = 0
+    redis_proc = redis_server
+    for i, batch in enumerate(batches):
+        if i == 20:
+            redis_proc.kill()  # no save, no fsync: a crash
+        if i == 30:
+            redis_proc = restart_redis(redis_proc)
+        for _ in range(5 if i >= 30 else 1):  # after the restart, retry as clients do
+            try:
+                await stub.Upsert(_upsert(batch), timeout=20)
+                acked.update(it.id for it in batch)
+                break
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                failed += 1
+                await asyncio.sleep(0.2)
+    await channel.close()
+    assert shard.terminate() == 0
+    assert failed >= 10  # every write while Redis was down was refused
+    before_and_after = batches[:20] + batches[30:]
+    assert {it.id for batch in before_and_after for it in batch} <= acked
+    stored = _stored(redis_proc.url)
+    attempted = {it.id for batch in batches for it in batch}
+    live = set(stored.present("kolaa", sorted(attempted)))
+    assert acked <= live
+    redis_proc.stop()
+
+
+async def test_shard_started_while_redis_is_down_becomes_ready_when_it_is_up(
+    processes: list[ShardProcess], tmp_path: Path, rng: np.random.Generator
+) -> None:
+    port = free_port()
+    shard = ShardProcess(
+        f"redis://127.0.0.1:{port}/0", tmp_path / "shard.log", INDEX_REDIS_WAIT_S="60"
     )
-    titles = {c.id: c.metadata.title for c in reply.candidates}
-    for item_id, title in latest.items():  # every acknowledged item, its last version
-        assert titles.get(item_id) == title, item_id
-    assert acked <= set(found) <= set(latest) | attempted
+    processes.append(shard)
+    grpc_port = await asyncio.to_thread(shard.port)
+    address = f"127.0.0.1:{grpc_port}"
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        await asyncio.sleep(1.0)  # it keeps retrying Redis meanwhile
+        status = await health.Check(
+            health_pb2.HealthCheckRequest(service=INDEX_SERVICE_NAME), timeout=5
+        )
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        live = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert live.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await index_pb2_grpc.IndexServiceStub(channel).Upsert(
+                _upsert(_batches("d", 1, 3, rng, "t")[0]), timeout=5
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        redis_proc = await asyncio.to_thread(start_redis, tmp_path / "redis", port)
+        try:
+            await wait_until_serving(address, INDEX_SERVICE_NAME, timeout_s=30)
+            reply = await index_pb2_grpc.IndexServiceStub(channel).Upsert(
+                _upsert(_batches("d", 1, 3, rng, "t")[0]), timeout=5
+            )
+            assert reply.upserted == 3
+        finally:
+            assert shard.terminate() == 0
+            redis_proc.stop()
+    assert any("not reachable yet" in m for m in shard.messages())
 
 
 async def test_serve_with_embedded_redis_keeps_data_across_restarts(
@@ -209,4 +268,8 @@ async def test_serve_with_embedded_redis_keeps_data_across_restarts(
     assert (await run_once(write)).upserted == 1
     reply = await run_once(read)
     assert [c.id for c in reply.candidates] == ["only"]
-    assert (tmp_path / "redis" / "appendonly.aof").exists()
+    # Redis 6 writes appendonly.aof; Redis >= 7 a multi-part AOF in appendonlydir/
+    redis_dir = tmp_path / "redis"
+    assert (redis_dir / "appendonly.aof").exists() or any(
+        (redis_dir / "appendonlydir").glob("*.incr.aof")
+    )

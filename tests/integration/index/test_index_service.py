@@ -564,6 +564,7 @@ async def test_many_replaces_trigger_compaction_and_survive_restart(
             timeout=10,
         )
         assert reply.replaced == (50 if version else 0)
+        await first.servicer.compactions_done()  # compaction runs in the background
     stats = await first.stub.Stats(index_pb2.StatsRequest(), timeout=5)
     (coll,) = stats.collections
     # compacted after v2 (100 tombstones > 150 rows / 2): snapshot + the v3 segment

@@ -1,4 +1,6 @@
-"""ShardIndex / CollectionIndex against a pure-Python brute-force oracle."""
+"""ShardIndex / CollectionIndex against a pure-Python brute-force oracle, with the
+search pinned to each method (multi-index hashing with 16-bit or wide groups, blocked
+scan) on data small enough for the oracle."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from copyfree.errors import FailedPrecondition, InvalidInput, NotFound
+from copyfree_index import mih, search
 from copyfree_index.shard import (
     CollectionIndex,
     CollectionKind,
@@ -22,6 +25,20 @@ from copyfree_index.shard import (
 
 MODEL = ModelRef("cvae", "1.0.0")
 TBH = ModelRef("tbh", "2.1")
+
+
+@pytest.fixture(params=["auto", "mih16", "mih-wide", "scan"], autouse=True)
+def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs once per search method: tables from 64 rows, and for
+    "mih-wide" the 22/21/21 layout that large collections get."""
+    if request.param != "auto":
+        monkeypatch.setattr(mih, "MIN_ROWS", 64)
+        monkeypatch.setattr(
+            search, "FORCE_METHOD", "scan" if request.param == "scan" else "mih"
+        )
+    if request.param == "mih-wide":
+        monkeypatch.setattr(mih, "WIDE_ROWS", 64)
+    return str(request.param)
 
 
 # ------------------------------------------------------------------------- oracle
@@ -77,7 +94,7 @@ def flip_bits(code: bytes, count: int, rng: np.random.Generator) -> bytes:
 
 
 def batch_of(ids: list[str], items: list[Item], dtype: type) -> ItemBatch:
-    return ItemBatch(
+    return ItemBatch.of(
         ids,
         np.array([np.frombuffer(it.code, np.uint8) for it in items]).reshape(
             len(ids), -1
@@ -268,9 +285,9 @@ def test_repeated_id_in_one_batch_keeps_the_last_copy() -> None:
     coll = CollectionIndex(spec)
     codes = np.array([[1] * 8, [2] * 8, [3] * 8], np.uint8)
     vecs = np.ones((3, 64), np.int16)
-    replaced = coll.upsert(ItemBatch(["a", "b", "a"], codes, vecs, [Metadata()] * 3))
+    replaced = coll.upsert(ItemBatch.of(["a", "b", "a"], codes, vecs))
     assert replaced == 0 and coll.live == 2 and coll.tombstones == 1
-    assert coll.live_batch().ids == ["b", "a"]
+    assert coll.live_batch().id_list() == ["b", "a"]
     assert coll.live_batch().codes[1].tolist() == [3] * 8
 
 
@@ -281,19 +298,14 @@ def test_capacity_doubles_and_old_snapshots_stay_valid(
     coll = CollectionIndex(spec, capacity=4)
     codes = rng.integers(0, 256, (1000, 8), dtype=np.uint8)
     vecs = rng.integers(-500, 500, (1000, 64)).astype(np.int16)
-    coll.upsert(
-        ItemBatch([f"i{j}" for j in range(3)], codes[:3], vecs[:3], [Metadata()] * 3)
-    )
+    coll.upsert(ItemBatch.of([f"i{j}" for j in range(3)], codes[:3], vecs[:3]))
     snap = coll.snapshot()
     before = snap.words.copy()
     for start in range(3, 1000, 97):
         end = min(start + 97, 1000)
         coll.upsert(
-            ItemBatch(
-                [f"i{j}" for j in range(start, end)],
-                codes[start:end],
-                vecs[start:end],
-                [Metadata()] * (end - start),
+            ItemBatch.of(
+                [f"i{j}" for j in range(start, end)], codes[start:end], vecs[start:end]
             )
         )
     coll.delete(["i0", "i1"])
@@ -304,7 +316,7 @@ def test_capacity_doubles_and_old_snapshots_stay_valid(
     assert np.array_equal(batch.codes, codes[2:]) and np.array_equal(
         batch.vectors, vecs[2:]
     )
-    assert batch.ids == [f"i{j}" for j in range(2, 1000)]
+    assert batch.id_list() == [f"i{j}" for j in range(2, 1000)]
 
 
 def test_searches_run_while_writes_happen(rng: np.random.Generator) -> None:
@@ -312,7 +324,7 @@ def test_searches_run_while_writes_happen(rng: np.random.Generator) -> None:
     spec = CollectionSpec.registry("works", MODEL)
     codes = rng.integers(0, 256, (4001, 8), dtype=np.uint8)
     vecs = rng.integers(-500, 500, (4001, 64)).astype(np.int16)
-    shard.upsert(spec, ItemBatch(["seed"], codes[:1], vecs[:1], [Metadata()]))
+    shard.upsert(spec, ItemBatch.of(["seed"], codes[:1], vecs[:1]))
     errors: list[BaseException] = []
 
     def writer() -> None:
@@ -320,7 +332,7 @@ def test_searches_run_while_writes_happen(rng: np.random.Generator) -> None:
             for start in range(1, 4001, 100):
                 ids = [f"i{j}" for j in range(start, start + 100)]
                 rows = slice(start, start + 100)
-                batch = ItemBatch(ids, codes[rows], vecs[rows], [Metadata()] * 100)
+                batch = ItemBatch.of(ids, codes[rows], vecs[rows])
                 shard.upsert(spec, batch)
                 shard.delete("works", ids[:10])
         except BaseException as e:  # noqa: BLE001 - reported below
@@ -360,9 +372,7 @@ def test_errors_name_what_is_wrong() -> None:
     spec = CollectionSpec.registry("works", MODEL)
     shard.upsert(
         spec,
-        ItemBatch(
-            ["a"], np.zeros((1, 8), np.uint8), np.ones((1, 64), np.int16), [Metadata()]
-        ),
+        ItemBatch.of(["a"], np.zeros((1, 8), np.uint8), np.ones((1, 64), np.int16)),
     )
     key2 = np.ones(64, "<i2").tobytes()
     with pytest.raises(NotFound, match="'nope'"):
@@ -383,10 +393,7 @@ def test_errors_name_what_is_wrong() -> None:
         shard.check_upsert(CollectionSpec.registry("works", ModelRef("cvae", "2.0.0")))
     cf = CollectionSpec("free", CollectionKind.COPYRIGHT_FREE, TBH, 16, 4)
     shard.upsert(
-        cf,
-        ItemBatch(
-            ["c"], np.zeros((1, 2), np.uint8), np.ones((1, 4), np.int8), [Metadata()]
-        ),
+        cf, ItemBatch.of(["c"], np.zeros((1, 2), np.uint8), np.ones((1, 4), np.int8))
     )
     with pytest.raises(InvalidInput, match="query.code_bits is 32"):
         shard.similar("free", TBH, bytes(4), 32, bytes(4), 1)

@@ -41,7 +41,7 @@ def make_batch(
 ) -> ItemBatch:
     n = len(ids)
     info = np.iinfo(spec.vector_dtype)
-    return ItemBatch(
+    return ItemBatch.of(
         ids,
         rng.integers(0, 256, (n, spec.code_bytes), dtype=np.uint8),
         rng.integers(info.min, info.max, (n, spec.vector_dim), endpoint=True).astype(
@@ -59,13 +59,15 @@ def state(shard: ShardIndex) -> dict[str, tuple]:
     out = {}
     for stats in shard.stats():
         b = shard.live_batch(stats.spec.name)
-        order = np.argsort(np.array(b.ids))
+        ids = b.id_list()
+        metadata = b.metadata_list()
+        order = np.argsort(np.array(ids))
         out[stats.spec.name] = (
             stats.spec,
-            sorted(b.ids),
+            sorted(ids),
             b.codes[order].tobytes(),
             b.vectors[order].tobytes(),
-            [b.metadata[i] for i in order],
+            [metadata[i] for i in order],
         )
     return out
 
@@ -181,7 +183,7 @@ def test_redis_layout_uses_one_hash_tag_per_collection_and_shard(
         f"{prefix}:{{works:1}}:meta",
     ]
     assert client.hgetall(f"{prefix}:{{works:1}}:meta") == {
-        b"format": b"1",
+        b"format": b"2",
         b"kind": b"registry",
         b"model_name": b"cvae",
         b"model_version": b"1.0.0",
@@ -198,12 +200,14 @@ def test_segment_round_trip_and_format_checks(rng: np.random.Generator) -> None:
     assert data[:4] == b"CFSG" and data[4] == FORMAT_VERSION
     got = decode_segment(data, REGISTRY)
     assert isinstance(got, ItemBatch)
-    assert got.ids == batch.ids and got.metadata == batch.metadata
+    assert got.id_list() == batch.id_list()
+    assert got.metadata_list() == batch.metadata_list()
     assert np.array_equal(got.codes, batch.codes) and np.array_equal(
         got.vectors, batch.vectors
     )
     assert got.vectors.dtype == np.int16
-    assert decode_segment(encode_delete(["x", "y"]), REGISTRY) == Deletion(["x", "y"])
+    deletion = decode_segment(encode_delete(["x", "y"]), REGISTRY)
+    assert isinstance(deletion, Deletion) and deletion.id_list() == ["x", "y"]
     newer = data[:4] + struct.pack("<B", FORMAT_VERSION + 1) + data[5:]
     with pytest.raises(ValueError, match="newer"):
         decode_segment(newer, REGISTRY)
