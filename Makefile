@@ -62,8 +62,28 @@ protos-check: protos ## fail if the generated code is not current
 k8s: ## render every kustomize overlay
 	for o in deploy/k8s/overlays/*/; do kubectl kustomize $$o > /dev/null && echo "ok $$o"; done
 
+LOAD_DURATION ?= 15
+.PHONY: load
+load: setup ## load-test Check at c=1,8,32 vs encoder+index direct (local stack, models/)
+	$(VENV)/bin/copyfree load --stack --images $(DEV_IMAGES) --call check,direct-check \
+	  --concurrency 1,8,32 --duration $(LOAD_DURATION) --json artifacts/load.json
+
+.PHONY: eval-retrieve
+eval-retrieve: setup-train ## retrieval report: TBH+sim vs TBH vs LSH/ITQ/pHash, 16/32/64 bits (trains missing runs)
+	$(VENV)/bin/copyfree eval retrieve --images $(DEV_IMAGES) --out artifacts/retrieve/eval \
+	  --cache-dir artifacts/retrieve/features --figures docs/img
+
 models: setup-train ## retrain and export the shipped bundles on $(DEV_IMAGES) (slow on CPU)
 	bash scripts/make_models.sh $(DEV_IMAGES)
+
+.PHONY: bench bench-index
+BENCH_INDEX_ARGS ?=
+
+bench-index: setup ## index vs faiss: search, memory, ingest, reload (N = 1M, 10M; ~25 min)
+	$(PIP) install -q -e '.[bench]'
+	$(PY) benchmarks/bench_index.py $(BENCH_INDEX_ARGS)
+
+bench: bench-index ## every benchmark (results in docs/benchmarks.md)
 
 clean: ## remove caches and local state (keeps models/)
 	rm -rf .pytest_cache .ruff_cache .copyfree artifacts

@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  check    is this image registered? verdict with evidence")
         print("  stats    items per shard and collection")
         print("  demo     the whole detect-then-recommend path on real images")
+        print("  load     load-test Check (gateway) against encoder+index direct")
+        print("  eval     quality reports (eval retrieve)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])
 

@@ -198,3 +198,16 @@ def test_resume_continues_where_it_stopped(trained: tuple[Path, Path]) -> None:
 
     with pytest.raises(ValueError, match="different config"):
         train_detection(_config(tmp, epochs=3, lr=0.5))
+
+
+def test_fine_tune_starts_from_given_weights(trained: tuple[Path, Path]) -> None:
+    tmp, ckpt = trained
+    base = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+    # lr 0: Adam changes nothing, so the weights must be exactly the base run's.
+    tuned = train_detection(
+        _config(tmp, out=tmp / "ft", init_from=ckpt, max_steps=1, lr=0.0, lr_min=0.0)
+    )
+    state = torch.load(tuned, map_location="cpu", weights_only=False)
+    assert state["config"]["init_from"] == str(ckpt)
+    for name in ("encoder.dense.0.weight", "encoder.mu.weight", "decoder.up.4.bias"):
+        assert torch.equal(state["model"][name], base[name]), name

@@ -6,6 +6,7 @@ baselines (LSH, ITQ, PCA-sign, pHash), t-SNE, the ranking report, and
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +272,7 @@ def test_eval_retrieve_cli_end_to_end(tmp_path: Path) -> None:
     call, and writes the report, the tables and every figure."""
     pytest.importorskip("imagehash")
     from copyfree_cli.__main__ import main
+    from copyfree_train.eval_retrieve import EvalConfig, ensure_run, run_config
 
     folder = make_folder(tmp_path / "imgs", per_label=10)
     out, figs = tmp_path / "eval", tmp_path / "figs"
@@ -295,6 +297,12 @@ def test_eval_retrieve_cli_end_to_end(tmp_path: Path) -> None:
         "retrieve-examples-tbh16.png", "retrieve-examples-tbh32.png",
     ):  # fmt: skip
         assert (figs / name).stat().st_size > 1000, name
-    stamp = (out / "runs" / "tbh16-sim" / "best.pt").stat().st_mtime_ns
-    assert main(argv + ["--no-train"]) == 0  # reuses the finished runs
-    assert (out / "runs" / "tbh16-sim" / "best.pt").stat().st_mtime_ns == stamp
+    # A second call reuses the finished runs (train=False would raise otherwise).
+    config = EvalConfig(
+        images=folder, out=out, cache_dir=tmp_path / "cache", epochs=2, max_steps=2
+    )
+    for variant in ("sim", "nosim"):
+        run = run_config(config, 32, variant)
+        assert ensure_run(run, retrain=False, train=False) == run.out / "best.pt"
+    with pytest.raises(FileNotFoundError):  # other settings: would need training
+        ensure_run(replace(run, epochs=3), retrain=False, train=False)

@@ -129,6 +129,7 @@ def export_detection_bundle(
                 "seconds": summary["seconds"],
                 "final_losses": summary["final_losses"],
                 "config": summary["config"],
+                **_base_run(config),
             },
             "theta_images": len(train),
             # Share of 1s per bit over the training images: near 0.5 means a useful bit.
@@ -138,6 +139,16 @@ def export_detection_bundle(
     write_bundle(Path(out_dir), onnx_model, manifest, parity)
     log.info("bundle %s written to %s", manifest.version, out_dir)
     return Path(out_dir)
+
+
+def _base_run(config: DetectTrainConfig) -> dict[str, object]:
+    """Provenance of the run a fine-tune started from (its weights are in this one)."""
+    if config.init_from is None or not Path(config.init_from).is_file():
+        return {}
+    base = torch.load(config.init_from, map_location="cpu", weights_only=False)
+    s = base["summary"]
+    keys = ("images", "epochs", "steps", "seconds", "final_losses", "config")
+    return {"initialised_from": {k: s[k] for k in keys}}
 
 
 def _input(path: Path) -> np.ndarray:

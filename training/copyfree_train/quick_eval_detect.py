@@ -4,8 +4,11 @@ Runs the bundle the way the encoder does (ONNX Runtime, copyfree.preprocess), on
 images the trainer held out (the split recorded in the manifest), and reports for two
 edits -- JPEG re-encode at quality 50, and a centre crop keeping 90% of each side --
 the Hamming distance between the first keys of original and copy (mean, share <= T1),
-the mean cosine of the second keys, and 1:N top-1 identification among the held-out
-originals; plus the Hamming distance between different images (mean, share <= T1).
+the mean cosine of the second keys, 1:N top-1 by Hamming (ties by cosine) and the
+share of copies that the Detect rule (T1, T2, K from the manifest) attributes to their
+original, among all held-out originals registered; plus the Hamming distance between
+different images (mean, share <= T1) and the Detect rule's false-match rate for
+never-registered images (each original against all the others).
 The full attack suite of DESIGN.md §5 lives elsewhere; this is the trainer's check.
 
     python -m copyfree_train.quick_eval_detect models/detect-cvae [--images DIR]
@@ -76,6 +79,30 @@ def nearest(
     return int(cands[np.argmax(cosine(registered_k2[cands], query_k2))])
 
 
+def detect(
+    hamming_row: np.ndarray, cosine_row: np.ndarray, t1: int, t2: float, k: int
+) -> int | None:
+    """DESIGN.md §3 Detect over one registry: the matched index, or None."""
+    cands = np.flatnonzero(hamming_row <= t1)
+    if len(cands) == 1:
+        return int(cands[0])  # paper rule: a single stage-1 candidate is the answer
+    if len(cands) == 0:
+        if k == 0:
+            return None
+        cands = np.argsort(hamming_row, kind="stable")[:k]
+    best = cands[np.argmax(cosine_row[cands])]
+    return int(best) if cosine_row[best] >= t2 else None
+
+
+def _cosines(query_k2: np.ndarray, registered_k2: np.ndarray) -> np.ndarray:
+    """(n,64) x (m,64) int16 -> (n,m) cosine."""
+    q = query_k2.astype(np.float64)
+    r = registered_k2.astype(np.float64)
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    r /= np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+    return q @ r.T
+
+
 def evaluate(
     bundle: Path, images_dir: Path | None = None, limit: int | None = None
 ) -> dict[str, Any]:
@@ -98,7 +125,20 @@ def evaluate(
     base = run_bundle(session, manifest.preprocess, originals)
 
     n = len(held)
-    diff = hamming_matrix(base["first_key"], base["first_key"])[np.triu_indices(n, 1)]
+    th = manifest.thresholds
+    self_dist = hamming_matrix(base["first_key"], base["first_key"])
+    diff = self_dist[np.triu_indices(n, 1)]
+    # Never-registered queries: each original against a registry of all the others.
+    # (An upper bound: the held-out part keeps some real near-duplicate pairs.)
+    loo_dist = self_dist.astype(np.float64)
+    np.fill_diagonal(loo_dist, np.inf)
+    loo_cos = _cosines(base["second_key"], base["second_key"])
+    np.fill_diagonal(loo_cos, -2.0)
+    false_matches = [
+        detect(loo_dist[i], loo_cos[i], th.max_hamming, th.min_cosine, th.fallback_k)
+        is not None
+        for i in range(n)
+    ]
     result: dict[str, Any] = {
         "bundle": manifest.version,
         "held_out_images": n,
@@ -109,6 +149,8 @@ def evaluate(
             "hamming_mean": float(diff.mean()),
             "share_le_t1": float(np.mean(diff <= t1)),
         },
+        "never_registered_false_match_rate": float(np.mean(false_matches)),
+        "thresholds": th.to_dict(),
     }
     for name, edit in EDITS.items():
         keys = run_bundle(session, manifest.preprocess, [edit(im) for im in originals])
@@ -124,11 +166,17 @@ def evaluate(
             nearest(row, base["second_key"], keys["second_key"][i])
             for i, row in enumerate(dist)
         ]
+        all_cos = _cosines(keys["second_key"], base["second_key"])
+        verdicts = [
+            detect(dist[i], all_cos[i], th.max_hamming, th.min_cosine, th.fallback_k)
+            for i in range(n)
+        ]
         result[name] = {
             "hamming_mean": float(same.mean()),
             "share_le_t1": float(np.mean(same <= t1)),
             "second_key_cosine_mean": float(cos.mean()),
-            "top1_identification": float(np.mean(np.array(best) == np.arange(n))),
+            "top1_nearest_hamming": float(np.mean(np.array(best) == np.arange(n))),
+            "detect_correct": float(np.mean([v == i for i, v in enumerate(verdicts)])),
         }
     return result
 

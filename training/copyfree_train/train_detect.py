@@ -9,7 +9,10 @@ measured per latent dimension in units of that dimension's spread over the batch
 of the first key flips when the copy moves across theta, and what matters for that is
 the copy's shift relative to how far apart different images are, not its absolute size
 (which KL shrinks anyway). Dividing by the spread also means the term cannot be reduced
-by collapsing the latent.
+by collapsing the latent. It can be reduced by inflating every dim with one shared,
+edit-proof factor, though -- the first dev-corpus run did exactly that (one principal
+component held 84% of the variance, and a third of unrelated image pairs fell within
+12 bits) -- so a decorrelation term keeps the 64 dims apart.
 """
 
 from __future__ import annotations
@@ -47,7 +50,10 @@ LOSSES_FILE = "losses.csv"
 CURVE_FILE = "loss_curve.png"
 SUMMARY_FILE = "summary.json"
 HOLDOUT_FILE = "holdout_ids.txt"
-LOSS_COLUMNS = ("epoch", "step", "lr", "total", "recon", "kl", "invariance")
+LOSS_COLUMNS = (
+    "epoch", "step", "lr", "total", "recon", "kl", "invariance", "decorrelation"
+)  # fmt: skip
+_LOSS_PARTS = ("total", "recon", "kl", "invariance", "decorrelation")
 # Fields that may change between a run and its resumption without changing the model.
 _RESUMABLE_CHANGES = {"epochs", "max_steps", "threads", "bf16"}
 
@@ -62,6 +68,9 @@ class DetectTrainConfig:
     lr_min: float = 1e-5  # cosine decay floor
     beta: float = 1.0  # KL weight
     invariance: float = 50.0  # weight of the mu(copy) ~ mu(original) term; 0 = off
+    # Weight of the penalty on correlations between latent dims over a batch; 0 = off.
+    decorrelation: float = 25.0
+    init_from: Path | None = None  # start from this checkpoint's weights (fine-tune)
     seed: int = 0
     limit: int | None = None  # max images scanned (before the split)
     max_steps: int | None = None  # cap on steps per epoch (tests, smoke runs)
@@ -77,6 +86,7 @@ class DetectTrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["images"], d["out"] = str(self.images), str(self.out)
+        d["init_from"] = None if self.init_from is None else str(self.init_from)
         return d
 
     @classmethod
@@ -84,6 +94,8 @@ class DetectTrainConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         kw["images"], kw["out"] = Path(kw["images"]), Path(kw["out"])
+        if kw.get("init_from") is not None:
+            kw["init_from"] = Path(kw["init_from"])
         return cls(**kw)
 
 
@@ -123,6 +135,21 @@ def invariance_loss(mu_copy: torch.Tensor, mu_orig: torch.Tensor) -> torch.Tenso
     return ((mu_copy - mu_orig).pow(2).mean(0) / spread).sum()
 
 
+def decorrelation_loss(mu: torch.Tensor) -> torch.Tensor:
+    """Mean over dims of the summed squared correlations with the other dims.
+
+    Without it the latent can put one easy, edit-proof factor (how much of the image
+    is white ink-free paper) into every dim: each bit then follows that one factor,
+    copies keep their keys, and so do a third of unrelated images (measured on the
+    first run). Decorrelated dims make the 64 bits carry 64 different questions.
+    """
+    z = mu - mu.mean(0)
+    z = z / (z.pow(2).mean(0).sqrt() + 1e-4)
+    corr = z.T @ z / z.shape[0]
+    off = corr - torch.diag(torch.diagonal(corr))
+    return off.pow(2).sum() / mu.shape[1]
+
+
 def _cosine_lr(config: DetectTrainConfig, step: int, total: int) -> float:
     t = min(step / max(total, 1), 1.0)
     return config.lr_min + 0.5 * (config.lr - config.lr_min) * (
@@ -155,6 +182,11 @@ def train_detection(config: DetectTrainConfig) -> Path:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     start_epoch, step, seconds = 0, 0, 0.0
     history: list[dict[str, float]] = []
+    if config.init_from is not None and not ckpt_path.is_file():
+        # Weights only: a fine-tune gets its own optimizer state and LR schedule.
+        init = torch.load(config.init_from, map_location="cpu", weights_only=False)
+        model.load_state_dict(init["model"])
+        log.info("initialised from %s", config.init_from)
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         _check_resumable(DetectTrainConfig.from_dict(state["config"]), config)
@@ -207,10 +239,7 @@ def train_detection(config: DetectTrainConfig) -> Path:
         bar.close()
         seconds += time.perf_counter() - started
         epoch_rows = [r for r in history if r["epoch"] == epoch + 1]
-        means = {
-            k: float(np.mean([r[k] for r in epoch_rows]))
-            for k in ("total", "recon", "kl", "invariance")
-        }
+        means = {k: float(np.mean([r[k] for r in epoch_rows])) for k in _LOSS_PARTS}
         log.info(
             "epoch %d/%d: %s",
             epoch + 1,
@@ -267,7 +296,8 @@ def _train_step(
         if config.invariance > 0 and rng is not None
         else torch.zeros(())
     )
-    loss = parts.total + config.invariance * inv
+    decor = decorrelation_loss(mu) if config.decorrelation > 0 else torch.zeros(())
+    loss = parts.total + config.invariance * inv + config.decorrelation * decor
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -276,6 +306,7 @@ def _train_step(
         "recon": float(parts.recon.detach()),
         "kl": float(parts.kl.detach()),
         "invariance": float(inv.detach()),
+        "decorrelation": float(decor.detach()),
     }
 
 
@@ -326,30 +357,45 @@ def write_losses(history: list[dict[str, float]], path: Path) -> None:
         writer.writerows(history)
 
 
-def plot_losses(history: list[dict[str, float]], path: Path) -> None:
+def plot_losses(
+    history: list[dict[str, float]],
+    path: Path,
+    marks: dict[int, str] | None = None,
+) -> None:
+    """Loss curves per step (raw and smoothed); marks: step -> label, drawn as lines
+    (e.g. where a fine-tune starts when histories are joined)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = np.array([r["step"] for r in history])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(
-        axes,
-        ("recon", "kl", "invariance"),
-        (
-            "reconstruction (BCE, sum/image)",
-            "KL (sum/image)",
-            "invariance (copy vs original)",
-        ),
-        strict=True,
-    ):
-        values = np.array([r[key] for r in history])
+    panels = {
+        "recon": "reconstruction (BCE, sum/image)",
+        "kl": "KL (sum/image)",
+        "invariance": "invariance (copy vs original)",
+        "decorrelation": "decorrelation (latent dims)",
+    }
+    fig, axes = plt.subplots(1, len(panels), figsize=(17, 3.6), sharex=True)
+    for ax, (key, title) in zip(axes, panels.items(), strict=True):
+        values = np.array([r.get(key, 0.0) for r in history])
         ax.plot(steps, values, lw=0.6, alpha=0.4, color="tab:blue")
         window = max(1, len(values) // 40)
         if window > 1:
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
             ax.plot(steps[window - 1 :], smooth, lw=1.5, color="tab:blue")
+        for step, label in (marks or {}).items():
+            ax.axvline(step, color="tab:red", lw=0.8, ls="--")
+            ax.annotate(
+                label,
+                (step, 0.97),
+                xycoords=("data", "axes fraction"),
+                fontsize=8,
+                color="tab:red",
+                ha="right",
+                va="top",
+                rotation=90,
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -376,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         elif f.name in ("limit", "max_steps"):
             p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=default)
+        elif f.name == "init_from":
+            p.add_argument("--init-from", type=Path, default=None)
         else:
             p.add_argument(
                 f"--{f.name.replace('_', '-')}", type=type(default), default=default
