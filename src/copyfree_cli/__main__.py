@@ -142,6 +142,37 @@ def cmd_serve(argv: list[str]) -> int:
     return 0
 
 
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gateway", default=DEFAULT_GATEWAY, help="gateway host:port")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file with the bearer token (default: $COPYFREE_TOKEN if set)",
+    )
+    p.add_argument("--ca-file", type=Path, default=None, help="TLS: server CA (PEM)")
+    p.add_argument("--cert-file", type=Path, default=None, help="mTLS: client cert")
+    p.add_argument("--key-file", type=Path, default=None, help="mTLS: client key")
+    p.add_argument("--server-name", default="", help="TLS: name on the server cert")
+
+
+def _connection(ns: argparse.Namespace) -> Any:
+    """The gateway connection from _connection_args; the token is never a flag (it
+    would show in `ps` and shell history)."""
+    import os
+
+    from copyfree_cli.client import Connection
+
+    token = (
+        ns.token_file.read_text().strip()
+        if ns.token_file is not None
+        else os.environ.get("COPYFREE_TOKEN") or None
+    )
+    return Connection(
+        ns.gateway, token, ns.ca_file, ns.cert_file, ns.key_file, ns.server_name
+    )
+
+
 def cmd_register(argv: list[str]) -> int:
     from copyfree.folders import scan_folder
     from copyfree_cli.client import KINDS, gateway_stub, register_records
@@ -156,11 +187,13 @@ def cmd_register(argv: list[str]) -> int:
     parser.add_argument(
         "--limit", type=int, default=None, help="register at most this many"
     )
-    parser.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    _connection_args(parser)
     ns = parser.parse_args(argv)
     records = scan_folder(ns.images)[ns.offset :]
     records = records[: ns.limit] if ns.limit is not None else records
-    reply = register_records(gateway_stub(ns.gateway), records, ns.collection, ns.kind)
+    reply = register_records(
+        gateway_stub(_connection(ns)), records, ns.collection, ns.kind
+    )
     print(
         f"registered {reply.registered} into {reply.collection} "
         f"({reply.replaced} replaced, {len(reply.failures)} failed; "
@@ -181,9 +214,11 @@ def cmd_check(argv: list[str]) -> int:
     parser.add_argument("image", type=Path)
     parser.add_argument("--top-n", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print the raw answer")
-    parser.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    _connection_args(parser)
     ns = parser.parse_args(argv)
-    reply = check_image(gateway_stub(ns.gateway), ns.image.read_bytes(), top_n=ns.top_n)
+    reply = check_image(
+        gateway_stub(_connection(ns)), ns.image.read_bytes(), top_n=ns.top_n
+    )
     if ns.json:
         print(json.dumps(json_format.MessageToDict(reply), indent=2))
     else:
@@ -198,9 +233,9 @@ def cmd_stats(argv: list[str]) -> int:
     from copyfree_cli.client import gateway_stub
 
     parser = argparse.ArgumentParser(prog="copyfree stats")
-    parser.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    _connection_args(parser)
     ns = parser.parse_args(argv)
-    reply = gateway_stub(ns.gateway).Stats(
+    reply = gateway_stub(_connection(ns)).Stats(
         gateway_pb2.GatewayStatsRequest(), timeout=30
     )
     print(json.dumps(json_format.MessageToDict(reply), indent=2))
@@ -268,7 +303,19 @@ def main(argv: list[str] | None = None) -> int:
         print("  load     load-test Check (gateway) against encoder+index direct")
         print("  eval     quality reports (eval retrieve)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+    import grpc
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except grpc.RpcError as e:  # a status from the gateway: say it, no traceback
+        code = e.code() if isinstance(e, grpc.Call) else None
+        details = e.details() if isinstance(e, grpc.Call) else str(e)
+        name = code.name if code is not None else "ERROR"
+        print(f"copyfree {argv[0]}: {name}: {details}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"copyfree {argv[0]}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
