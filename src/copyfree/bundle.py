@@ -32,12 +32,15 @@ class Thresholds:
     max_hamming: int = 12
     min_cosine: float = 0.9
     fallback_k: int = 16
+    # False = the paper rule: a unique stage-1 candidate is the answer without T2.
+    require_second_key: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "max_hamming": self.max_hamming,
             "min_cosine": self.min_cosine,
             "fallback_k": self.fallback_k,
+            "require_second_key": self.require_second_key,
         }
 
 
@@ -96,6 +99,7 @@ class Manifest:
                 max_hamming=int(t.get("max_hamming", 12)),
                 min_cosine=float(t.get("min_cosine", 0.9)),
                 fallback_k=int(t.get("fallback_k", 16)),
+                require_second_key=bool(t.get("require_second_key", False)),
             ),
             extra={k: v for k, v in d.items() if k not in known},
         )

@@ -41,7 +41,11 @@ TINY_VERSION = "0.0.1-test"
 
 
 def make_detection_bundle(
-    directory: Path | str, *, version: str = TINY_VERSION, seed: int = 11
+    directory: Path | str,
+    *,
+    version: str = TINY_VERSION,
+    seed: int = 11,
+    thresholds: Thresholds | None = None,
 ) -> Path:
     """Write model.onnx + manifest.json of the tiny detection model into `directory`."""
     out = Path(directory)
@@ -88,7 +92,7 @@ def make_detection_bundle(
             kind="detection",
             preprocess=spec,
             code_bits=EMBEDDING_DIM,
-            thresholds=Thresholds(max_hamming=12, min_cosine=0.9, fallback_k=16),
+            thresholds=thresholds or Thresholds(),
             extra={
                 "theta": theta.tolist(),
                 "training": {"note": "tiny test model", "projection_seed": seed},

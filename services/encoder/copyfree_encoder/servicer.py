@@ -62,6 +62,7 @@ def describe(model: BundleModel) -> encoder_pb2.ModelDescription:
                 max_hamming=t.max_hamming,
                 min_cosine=t.min_cosine,
                 fallback_k=t.fallback_k,
+                require_second_key=t.require_second_key,
             )
         )
     return description

@@ -120,6 +120,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     f"got {request.fallback_k}"
                 )
             t.fallback_k = request.fallback_k
+        # A caller may ask for the stricter rule, never relax the bundle's.
+        t.require_second_key = t.require_second_key or request.require_second_key
         return t
 
     async def Check(
@@ -140,7 +142,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
         responses = await self._on_shards(registry, lambda s: s.detect(detect))
         decision = decide(
-            responses, thresholds, require_second_key=request.require_second_key
+            responses, thresholds, require_second_key=thresholds.require_second_key
         )
         evidence = gateway_pb2.DetectionEvidence(
             stage=decision.stage,
