@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from copyfree_encoder.settings import EncoderSettings
 from copyfree_gateway.__main__ import start as start_gateway
 from copyfree_gateway.audit import AuditedGatewayServicer
 from copyfree_gateway.settings import GatewaySettings
-from copyfree_index.embedded_redis import RedisProcess, redis_executable, start_redis
+from copyfree_index.embedded_redis import RedisProcess
 from copyfree_index.servicer import IndexServicer, as_service
 from copyfree_index.settings import IndexSettings
 from copyfree_index.shard import ShardIndex
@@ -94,17 +94,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt",
         d / "client.key",
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    try:
-        redis_executable()
-    except FileNotFoundError as e:
-        pytest.skip(f"no redis-server binary: {e}")
-    proc = start_redis(tmp_path_factory.mktemp("redis"))
-    yield proc
-    proc.stop()
 
 
 @dataclass

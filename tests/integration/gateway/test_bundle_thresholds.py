@@ -19,7 +19,7 @@ from copyfree_encoder.app import EncoderApp
 from copyfree_encoder.settings import EncoderSettings
 from copyfree_gateway.__main__ import start as start_gateway
 from copyfree_gateway.settings import GatewaySettings
-from copyfree_index.embedded_redis import redis_executable, start_redis
+from copyfree_index.embedded_redis import RedisProcess
 from copyfree_index.servicer import IndexServicer, as_service
 from copyfree_index.settings import IndexSettings
 from copyfree_index.shard import ShardIndex
@@ -43,13 +43,10 @@ class Stack:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    try:
-        redis_executable()
-    except FileNotFoundError as e:
-        pytest.skip(f"no redis-server binary: {e}")
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProcess
+) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("thresholds")
-    redis = start_redis(root / "redis")
     encoder = await EncoderApp.start(
         EncoderSettings(
             host="127.0.0.1",
@@ -61,7 +58,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         )
     )
     await encoder.load()
-    store = RedisShardStore.from_url(redis.url, shard_id=0)
+    store = RedisShardStore.from_url(redis_server.url, shard_id=0)
     index_settings = IndexSettings(host="127.0.0.1", port=0, shard_id=0, num_shards=1)
     servicer = IndexServicer(ShardIndex(), store, index_settings)
     index: RunningServer = await start_server(index_settings, [as_service(servicer)])
@@ -98,7 +95,6 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     await index.stop()
     await encoder.stop()
     store.close()
-    redis.stop()
 
 
 async def test_the_bundle_requires_the_second_key_for_a_unique_candidate(

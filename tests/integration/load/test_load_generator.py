@@ -19,7 +19,7 @@ from copyfree.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from copyfree_cli.load import RunSpec, Target, run
 from copyfree_cli.load import main as load_main
 from copyfree_cli.stack import LocalStack, StackConfig
-from copyfree_index.embedded_redis import RedisProcess, redis_executable, start_redis
+from copyfree_index.embedded_redis import RedisProcess
 from tests.utils.images import make_image_bytes
 from tests.utils.tiny_bundles import make_detection_bundle, make_retrieval_bundle
 
@@ -36,17 +36,6 @@ CLIENTS = {
     REGISTRAR: {"client": "ingest", "scopes": ["register"]},
 }
 REGISTERED, FREE = 12, 12
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    try:
-        redis_executable()
-    except FileNotFoundError as e:
-        pytest.skip(f"no redis-server binary: {e}")
-    proc = start_redis(tmp_path_factory.mktemp("redis"))
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")
