@@ -45,13 +45,17 @@ def tsne(
     *,
     perplexity: float = 30.0,
     iterations: int = 750,
-    learning_rate: float = 200.0,
+    learning_rate: float | None = None,
     exaggeration: float = 12.0,
     exaggeration_iterations: int = 250,
     seed: int = 0,
 ) -> np.ndarray:
     """(n, n) symmetric distances -> (n, 2) embedding (plain gradient descent with
-    momentum 0.5 -> 0.8 and the usual gains, as in the reference implementation)."""
+    momentum 0.5 -> 0.8 and the usual gains, as in the reference implementation).
+
+    learning_rate None: max(n / exaggeration / 4, 50) (Belkina et al. 2019, also
+    scikit-learn's default); a fixed 200 ejects single points to thousands of units
+    on a hundred points, which breaks the picture."""
     d = np.asarray(distances, dtype=np.float64)
     n = d.shape[0]
     if d.shape != (n, n):
@@ -59,6 +63,8 @@ def tsne(
     perplexity = min(perplexity, max((n - 1) / 3.0, 1.0))
     p = _conditional_p(d**2, perplexity)
     p = np.maximum((p + p.T) / (2.0 * n), 1e-12)
+    if learning_rate is None:
+        learning_rate = max(n / exaggeration / 4.0, 50.0)
     rng = np.random.default_rng(seed)
     y = rng.standard_normal((n, 2)) * 1e-4
     velocity = np.zeros_like(y)
