@@ -73,6 +73,11 @@ eval-retrieve: setup-train ## retrieval report: TBH+sim vs TBH vs LSH/ITQ/pHash,
 	$(VENV)/bin/copyfree eval retrieve --images $(DEV_IMAGES) --out artifacts/retrieve/eval \
 	  --cache-dir artifacts/retrieve/features --figures docs/img
 
+.PHONY: eval-detect
+eval-detect: setup-train ## detection report: attack suite, 1:N via the index, vs pHash/PDQ/deep (~8 min cold)
+	$(VENV)/bin/copyfree eval detect --images $(DEV_IMAGES) --out artifacts/detect/eval \
+	  --cache-dir artifacts/detect/cache --figures docs/img
+
 models: setup-train ## retrain and export the shipped bundles on $(DEV_IMAGES) (slow on CPU)
 	bash scripts/make_models.sh $(DEV_IMAGES)
 

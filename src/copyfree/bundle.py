@@ -113,7 +113,13 @@ def read_manifest(bundle_dir: Path) -> Manifest:
 
 
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
+    """Write manifest.json atomically: a running encoder may read it at any moment,
+    and a manifest that would not load is never installed."""
     path = Path(bundle_dir) / MANIFEST_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n"
+    Manifest.from_dict(json.loads(text))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
     return path

@@ -266,12 +266,25 @@ def cmd_eval(argv: list[str]) -> int:
     sub.add_parser(
         "retrieve", add_help=False, help="retrieval mAP report (TBH vs baselines)"
     )
+    sub.add_parser(
+        "detect", add_help=False, help="detection report (attacks, 1:N, baselines)"
+    )
     ns, rest = parser.parse_known_args(argv[:1])
     if ns.what == "retrieve":
         from copyfree_train.eval_retrieve import main as eval_retrieve
 
         return eval_retrieve(argv[1:])
+    if ns.what == "detect":
+        from copyfree_train.eval_detect import main as eval_detect
+
+        return eval_detect(argv[1:])
     return 2
+
+
+def cmd_calibrate(argv: list[str]) -> int:
+    from copyfree_train.calibrate import main as calibrate_main
+
+    return calibrate_main(argv)
 
 
 COMMANDS = {
@@ -284,6 +297,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "load": cmd_load,
     "eval": cmd_eval,
+    "calibrate": cmd_calibrate,
 }
 
 
@@ -301,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  stats    items per shard and collection")
         print("  demo     the whole detect-then-recommend path on real images")
         print("  load     load-test Check (gateway) against encoder+index direct")
-        print("  eval     quality reports (eval retrieve)")
+        print("  eval     quality reports (eval retrieve, eval detect)")
+        print("  calibrate  detection thresholds for a target false-match rate")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import grpc
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from copyfree.bundle import DETECTION_OUTPUTS, INPUT_NAME, MODEL_FILE, read_manifest  # noqa: E402
 from copyfree.codes import first_key, second_key  # noqa: E402
 from copyfree.preprocess import decode, to_input  # noqa: E402
-from copyfree_train.augment import augment  # noqa: E402
+from copyfree_train.attacks import seed000_view as augment  # noqa: E402
 from copyfree_train.cvae import CVAE, PREPROCESS, DetectionKeyHead  # noqa: E402
 from copyfree_train.data import ImageCache, scan_folder  # noqa: E402
 from copyfree_train.export_detect import export_detection_bundle  # noqa: E402

@@ -12,7 +12,7 @@ import io
 import json
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -180,15 +180,5 @@ def write_bundle(
     onnx.save(model, str(bundle_dir / MODEL_FILE))
     extra = dict(manifest.extra)
     extra["parity"] = parity.to_dict()
-    final = Manifest(
-        name=manifest.name,
-        version=manifest.version,
-        kind=manifest.kind,
-        preprocess=manifest.preprocess,
-        code_bits=manifest.code_bits,
-        fine_dim=manifest.fine_dim,
-        thresholds=manifest.thresholds,
-        extra=extra,
-    )
-    write_manifest(bundle_dir, final)
+    write_manifest(bundle_dir, replace(manifest, extra=extra))
     return bundle_dir

@@ -9,7 +9,8 @@ share of copies that the Detect rule (T1, T2, K from the manifest) attributes to
 original, among all held-out originals registered; plus the Hamming distance between
 different images (mean, share <= T1) and the Detect rule's false-match rate for
 never-registered images (each original against all the others).
-The full attack suite of DESIGN.md §5 lives elsewhere; this is the trainer's check.
+The full attack suite and report: `copyfree eval detect` (copyfree_train.eval_detect);
+this is the trainer's check.
 
     python -m copyfree_train.quick_eval_detect models/detect-cvae [--images DIR]
 """
@@ -30,7 +31,7 @@ from PIL import Image
 from copyfree.bundle import DETECTION_OUTPUTS, INPUT_NAME, MODEL_FILE, read_manifest
 from copyfree.codes import cosine, unpack_bits
 from copyfree.preprocess import PreprocessSpec, decode, to_input
-from copyfree_train.augment import crop
+from copyfree_train.attacks import crop
 from copyfree_train.train_detect import DetectTrainConfig, training_records
 
 

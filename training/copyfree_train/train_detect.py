@@ -2,13 +2,15 @@
 checkpoints, loss log (CSV) and loss curve (PNG).
 
 Each step sees every image twice: as the original and as an augmented copy
-(copyfree_train.augment). Both views are encoded in one batch; the decoder always
-reconstructs the *original* (denoising-style), so an edited copy has to land where its
-original lands. A small invariance term pulls mu(copy) toward mu(original) directly,
-measured per latent dimension in units of that dimension's spread over the batch: a bit
-of the first key flips when the copy moves across theta, and what matters for that is
-the copy's shift relative to how far apart different images are, not its absolute size
-(which KL shrinks anyway). Dividing by the spread also means the term cannot be reduced
+(copyfree_train.attacks: `--views seed000`, the seed-000 policy the shipped runs used,
+or `--views suite`, seed-004 weak/strong views drawn from the attack suite). Both
+views are encoded in one batch; the decoder always reconstructs the *original*
+(denoising-style), so an edited copy has to land where its original lands. A small
+invariance term pulls mu(copy) toward mu(original) directly, measured per latent
+dimension in units of that dimension's spread over the batch: a bit of the first key
+flips when the copy moves across theta, and what matters for that is the copy's shift
+relative to how far apart different images are, not its absolute size (which KL
+shrinks anyway). Dividing by the spread also means the term cannot be reduced
 by collapsing the latent. It can be reduced by inflating every dim with one shared,
 edit-proof factor, though -- the first dev-corpus run did exactly that (one principal
 component held 84% of the variance, and a third of unrelated image pairs fell within
@@ -32,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from copyfree_train.augment import augment as augment_image
+from copyfree_train.attacks import VIEWS
 from copyfree_train.cvae import ARCHITECTURE, CVAE, PREPROCESS, vae_loss
 from copyfree_train.data import (
     ImageCache,
@@ -51,9 +53,10 @@ CURVE_FILE = "loss_curve.png"
 SUMMARY_FILE = "summary.json"
 HOLDOUT_FILE = "holdout_ids.txt"
 LOSS_COLUMNS = (
-    "epoch", "step", "lr", "total", "recon", "kl", "invariance", "decorrelation"
+    "epoch", "step", "lr", "total", "recon", "kl", "invariance", "decorrelation",
+    "contrastive",
 )  # fmt: skip
-_LOSS_PARTS = ("total", "recon", "kl", "invariance", "decorrelation")
+_LOSS_PARTS = ("total", "recon", "kl", "invariance", "decorrelation", "contrastive")
 # Fields that may change between a run and its resumption without changing the model.
 _RESUMABLE_CHANGES = {"epochs", "max_steps", "threads", "bf16"}
 
@@ -75,6 +78,12 @@ class DetectTrainConfig:
     limit: int | None = None  # max images scanned (before the split)
     max_steps: int | None = None  # cap on steps per epoch (tests, smoke runs)
     augment: bool = True  # False: the copy view is the original itself
+    views: str = "seed000"  # copy views: a copyfree_train.attacks.VIEWS policy
+    # Weight of the InfoNCE term on cosine(mu(copy), mu(original)) against the other
+    # images of the batch (seed 004's contrastive objective on the second key's
+    # metric); 0 = off.
+    contrastive: float = 0.0
+    temperature: float = 0.1
     threads: int = 2
     holdout: float = 0.2  # fraction never trained on (evaluation)
     split_seed: int = 20261122
@@ -119,13 +128,16 @@ def training_records(
 
 
 def inputs_for(
-    images: Sequence[Image.Image], rng: np.random.Generator | None
+    images: Sequence[Image.Image],
+    rng: np.random.Generator | None,
+    views: str = "seed000",
 ) -> np.ndarray:
     """The model input of each image, augmented when rng is given (same conversion as
     serving: copyfree.preprocess.to_input via make_inputs)."""
     if rng is None:
         return make_inputs(images, PREPROCESS)
-    return make_inputs(images, PREPROCESS, augment=lambda im: augment_image(im, rng))
+    view = VIEWS[views]
+    return make_inputs(images, PREPROCESS, augment=lambda im: view(im, rng))
 
 
 def invariance_loss(mu_copy: torch.Tensor, mu_orig: torch.Tensor) -> torch.Tensor:
@@ -133,6 +145,23 @@ def invariance_loss(mu_copy: torch.Tensor, mu_orig: torch.Tensor) -> torch.Tenso
     both = torch.cat([mu_copy, mu_orig])
     spread = both.var(dim=0, unbiased=False) + 1e-4
     return ((mu_copy - mu_orig).pow(2).mean(0) / spread).sum()
+
+
+def contrastive_loss(
+    mu_copy: torch.Tensor, mu_orig: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Symmetric InfoNCE: each copy must be closer (cosine, the stage-2 metric of the
+    second key) to its own original than to every other original of the batch, and
+    each original to its own copy. Pushes different images apart as much as it pulls
+    copies together, which the invariance term alone does not."""
+    a = torch.nn.functional.normalize(mu_copy, dim=1)
+    b = torch.nn.functional.normalize(mu_orig, dim=1)
+    logits = a @ b.T / temperature
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (
+        torch.nn.functional.cross_entropy(logits, target)
+        + torch.nn.functional.cross_entropy(logits.T, target)
+    )
 
 
 def decorrelation_loss(mu: torch.Tensor) -> torch.Tensor:
@@ -171,6 +200,8 @@ def train_detection(config: DetectTrainConfig) -> Path:
     """Train (or resume) and return the checkpoint path. Writes into config.out:
     checkpoint.pt, config.json, losses.csv, loss_curve.png, summary.json,
     holdout_ids.txt."""
+    if config.views not in VIEWS:
+        raise ValueError(f"views must be one of {sorted(VIEWS)}, got {config.views!r}")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
@@ -239,7 +270,9 @@ def train_detection(config: DetectTrainConfig) -> Path:
         bar.close()
         seconds += time.perf_counter() - started
         epoch_rows = [r for r in history if r["epoch"] == epoch + 1]
-        means = {k: float(np.mean([r[k] for r in epoch_rows])) for k in _LOSS_PARTS}
+        means = {
+            k: float(np.mean([r.get(k, 0.0) for r in epoch_rows])) for k in _LOSS_PARTS
+        }
         log.info(
             "epoch %d/%d: %s",
             epoch + 1,
@@ -281,7 +314,11 @@ def _train_step(
     config: DetectTrainConfig,
 ) -> dict[str, float]:
     x_orig = torch.from_numpy(inputs_for(images, None))
-    x_copy = torch.from_numpy(inputs_for(images, rng)) if rng is not None else x_orig
+    x_copy = (
+        torch.from_numpy(inputs_for(images, rng, config.views))
+        if rng is not None
+        else x_orig
+    )
     k = len(images)
     # One encoder pass over both views: BatchNorm sees one batch statistic for both.
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
@@ -297,7 +334,17 @@ def _train_step(
         else torch.zeros(())
     )
     decor = decorrelation_loss(mu) if config.decorrelation > 0 else torch.zeros(())
-    loss = parts.total + config.invariance * inv + config.decorrelation * decor
+    con = (
+        contrastive_loss(mu[:k], mu[k:], config.temperature)
+        if config.contrastive > 0 and rng is not None
+        else torch.zeros(())
+    )
+    loss = (
+        parts.total
+        + config.invariance * inv
+        + config.decorrelation * decor
+        + config.contrastive * con
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -307,6 +354,7 @@ def _train_step(
         "kl": float(parts.kl.detach()),
         "invariance": float(inv.detach()),
         "decorrelation": float(decor.detach()),
+        "contrastive": float(con.detach()),
     }
 
 
@@ -375,8 +423,9 @@ def plot_losses(
         "kl": "KL (sum/image)",
         "invariance": "invariance (copy vs original)",
         "decorrelation": "decorrelation (latent dims)",
+        "contrastive": "contrastive (InfoNCE)",
     }
-    fig, axes = plt.subplots(1, len(panels), figsize=(17, 3.6), sharex=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(21, 3.6), sharex=True)
     for ax, (key, title) in zip(axes, panels.items(), strict=True):
         values = np.array([r.get(key, 0.0) for r in history])
         ax.plot(steps, values, lw=0.6, alpha=0.4, color="tab:blue")

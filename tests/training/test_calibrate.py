@@ -1,0 +1,115 @@
+"""Calibration: the T2 / require_second_key shortcut equals the real Detect and
+decision, the chosen thresholds meet the target on the calibration data, and writing
+them keeps the bundle loadable with its version. Random keys and the tiny ONNX bundle
+(no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from copyfree.bundle import Thresholds, read_manifest
+from copyfree.codes import first_key, second_key
+from copyfree_train.calibrate import (
+    Queries,
+    Registry,
+    calibrate,
+    collect_picks,
+    outcomes,
+    write_thresholds,
+)
+from tests.utils.tiny_bundles import make_detection_bundle
+
+
+def _keys(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return first_key(z, np.zeros(64)), second_key(z)
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[Registry, Queries]:
+    """40 registered embeddings; positives = noisy copies (some heavy), distractors =
+    fresh embeddings plus a few near one registered item (look-alikes)."""
+    rng = np.random.default_rng(5)
+    reg = rng.normal(0, 1, (40, 64))
+    ids = [f"r{i:02d}" for i in range(40)]
+    registry = Registry(ids, *_keys(reg))
+    light = reg[:20] + rng.normal(0, 0.15, (20, 64))
+    heavy = reg[20:] + rng.normal(0, 0.7, (20, 64))
+    fresh = rng.normal(0, 1, (30, 64))
+    alike = reg[:10] + rng.normal(0, 0.9, (10, 64))
+    z = np.concatenate([reg, light, heavy, fresh, alike])
+    fk, sk = _keys(z)
+    truth = ids + ids[:20] + ids[20:] + [None] * 40
+    groups = ["original"] * 40 + ["weak"] * 20 + ["hybrid"] * 20 + ["distractor"] * 40
+    return registry, Queries(fk, sk, truth, groups)
+
+
+def test_shortcut_equals_real_detect(setup: tuple[Registry, Queries]) -> None:
+    registry, q = setup
+    t1_grid, k_grid = (0, 6, 14, 24), (0, 1, 16)
+    picks = collect_picks(registry, q, t1_grid, k_grid)
+    for t1 in t1_grid:
+        for k in k_grid:
+            for t2 in (0.3, 0.8, 0.95):
+                for req in (False, True):
+                    t = Thresholds(t1, t2, k, req)
+                    real = registry.detect_all(q.first_keys, q.second_keys, t)
+                    matched, right = outcomes(picks, t1, k, t2, req)
+                    assert matched.tolist() == [v.matched is not None for v in real]
+                    want = [
+                        v.matched == tr for v, tr in zip(real, q.truth, strict=True)
+                    ]
+                    assert right.tolist() == [
+                        m and w for m, w in zip(matched, want, strict=True)
+                    ]
+
+
+GRID = {"t1_grid": (0, 4, 8, 12, 16, 24), "k_grid": (0, 4, 16)}
+
+
+def test_calibration_meets_the_target(setup: tuple[Registry, Queries]) -> None:
+    registry, q = setup
+    picks = collect_picks(registry, q, **GRID)
+    cal, front = calibrate(registry, q, target_fmr=0.05, picks=picks, **GRID)
+    assert cal.feasible
+    t = cal.thresholds
+    real = registry.detect_all(q.first_keys, q.second_keys, t)
+    groups = np.array(q.groups)
+    fm = np.array([v.matched is not None for v in real])[groups == "distractor"]
+    assert fm.mean() <= 0.05 and fm.mean() == pytest.approx(cal.false_match_rate)
+    originals = [
+        v.matched for v, g in zip(real, q.groups, strict=True) if g == "original"
+    ]
+    assert originals == q.truth[:40]  # every unmodified registered image, right id
+    assert cal.detection["weak"] >= cal.detection["hybrid"]
+    # a looser target never detects less
+    looser, _ = calibrate(registry, q, target_fmr=0.2, picks=picks, **GRID)
+    assert looser.detection["hybrid"] >= cal.detection["hybrid"]
+    fmrs = [r["fmr"] for r in front]
+    assert fmrs == sorted(fmrs)
+
+
+def test_write_thresholds_keeps_the_bundle_loadable(
+    setup: tuple[Registry, Queries], tmp_path: Path
+) -> None:
+    registry, q = setup
+    bundle = make_detection_bundle(tmp_path / "bundle")
+    before = read_manifest(bundle)
+    cal, _ = calibrate(registry, q, target_fmr=0.05, **GRID)
+    write_thresholds(bundle, cal, {"tool": "test"})
+    after = read_manifest(bundle)
+    assert after.thresholds == cal.thresholds
+    assert after.version == before.version  # same weights, same keys
+    assert after.extra["theta"] == before.extra["theta"]
+    assert after.extra["training"] == before.extra["training"]
+    raw = json.loads((bundle / "manifest.json").read_text())
+    assert raw["calibration"]["previous_thresholds"] == before.thresholds.to_dict()
+    assert raw["format_version"] == 1
+    pytest.importorskip("onnxruntime")
+    from copyfree_encoder.model import BundleModel
+
+    model = BundleModel(bundle, providers="cpu")
+    assert model.manifest.thresholds == cal.thresholds

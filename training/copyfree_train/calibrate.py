@@ -1,0 +1,422 @@
+"""Identification the way the product does it, and threshold calibration.
+
+Owns:
+- `Registry`: registered originals in a real index shard (copyfree_index.shard, the
+  code the index service runs), queried with the shard's Detect and judged by the
+  gateway's decision rule (copyfree_gateway.decision.decide), in process. Nothing of
+  the two-stage search is reimplemented here.
+- `calibrate`: picks (T1, T2, K, and whether a unique stage-1 candidate must also
+  reach T2) for a target false-match rate on never-registered distractors. For each
+  T1 on the grid and each query it runs the real Detect once (with the largest K) and
+  the real decision once per K with T2 = -1, which yields the candidate the rule would
+  pick and its cosine; the decision for any T2 then follows from decide()'s own rule
+  (a unique stage-1 candidate is the answer whatever its cosine unless
+  require_second_key; otherwise the pick must reach T2), so the T2 and
+  require_second_key axes cost no further searches.
+  Among settings whose distractor false-match rate is <= target and which keep every
+  unmodified registered image REGISTERED with its id, it takes the one with the best
+  mean detection over the attack groups (ties: fewer false matches, then the stricter
+  setting).
+- `write_thresholds`: writes the chosen thresholds into a bundle's manifest.json, with
+  the calibration's provenance. The bundle's version is kept: it names the weights
+  and keys (collections are bound to it), which calibration does not change.
+- `copyfree calibrate` (main): the split, attacked copies and distractors of
+  `copyfree eval detect`, then calibrate and (with --write) update the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from copyfree.bundle import Thresholds, read_manifest, write_manifest
+from copyfree.v1 import common_pb2, gateway_pb2, index_pb2
+from copyfree_gateway.decision import decide
+from copyfree_index.shard import (
+    CollectionSpec,
+    DetectHit,
+    ItemBatch,
+    ModelRef,
+    ShardIndex,
+)
+
+log = logging.getLogger(__name__)
+
+COLLECTION = "eval-registry"
+MAX_CANDIDATES = 100  # the index service's default cap on stage-1 candidates
+UNIQUE = gateway_pb2.DECISION_STAGE_UNIQUE_FIRST_KEY
+T1_GRID = tuple(range(0, 25))
+K_GRID = (0, 1, 4, 16, 64)
+R_GRID = (False, True)  # require_second_key
+T2_GRID = tuple(
+    round(float(v), 4)
+    for v in np.concatenate(
+        [
+            np.arange(0.50, 0.95, 0.01),
+            np.arange(0.95, 0.99, 0.0025),
+            np.arange(0.99, 1.0, 0.0005),
+        ]
+    )
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One Detect answer: the matched id (None: UNVERIFIED), stage and evidence."""
+
+    matched: str | None
+    stage: int
+    hamming: int
+    cosine: float
+
+
+class Registry:
+    """Registered originals in one real index shard, searched with its Detect."""
+
+    def __init__(
+        self,
+        ids: Sequence[str],
+        first_keys: np.ndarray,
+        second_keys: np.ndarray,
+        model_version: str = "eval",
+    ) -> None:
+        self.model = ModelRef("detect", model_version)
+        self.shard = ShardIndex()
+        spec = CollectionSpec.registry(COLLECTION, self.model)
+        self.shard.upsert(
+            spec,
+            ItemBatch.of(
+                list(ids),
+                np.ascontiguousarray(first_keys, dtype=np.uint8),
+                np.ascontiguousarray(second_keys, dtype=np.int16),
+            ),
+        )
+
+    def search(
+        self, first_key: np.ndarray, second_key: np.ndarray, max_hamming: int, k: int
+    ) -> index_pb2.DetectResponse:
+        """The shard's Detect, as the index service answers it."""
+        res = self.shard.detect(
+            COLLECTION,
+            self.model,
+            np.asarray(first_key, np.uint8).tobytes(),
+            np.asarray(second_key).astype("<i2").tobytes(),
+            max_hamming,
+            k,
+            MAX_CANDIDATES,
+        )
+        return index_pb2.DetectResponse(
+            candidates=[_candidate(h) for h in res.candidates],
+            stage1_count=res.stage1_count,
+            nearest=[_candidate(h) for h in res.nearest],
+            searched=res.searched,
+        )
+
+    def detect(
+        self, first_key: np.ndarray, second_key: np.ndarray, t: Thresholds
+    ) -> Verdict:
+        """Detect + the gateway's decision at thresholds t."""
+        resp = self.search(first_key, second_key, t.max_hamming, t.fallback_k)
+        proto = _proto(t)
+        return _verdict(
+            decide([resp], proto, require_second_key=proto.require_second_key)
+        )
+
+    def detect_all(
+        self, first_keys: np.ndarray, second_keys: np.ndarray, t: Thresholds
+    ) -> list[Verdict]:
+        return [
+            self.detect(a, b, t) for a, b in zip(first_keys, second_keys, strict=True)
+        ]
+
+
+def _candidate(h: DetectHit) -> index_pb2.DetectCandidate:
+    return index_pb2.DetectCandidate(id=h.id, hamming=h.hamming, cosine=h.cosine)
+
+
+def _proto(t: Thresholds) -> common_pb2.Thresholds:
+    return common_pb2.Thresholds(
+        max_hamming=t.max_hamming,
+        min_cosine=t.min_cosine,
+        fallback_k=t.fallback_k,
+        require_second_key=t.require_second_key,
+    )
+
+
+def _verdict(d: Any) -> Verdict:
+    if d.matched is None:
+        best = d.top[0] if d.top else None
+        return Verdict(
+            None, d.stage, best.hamming if best else -1, best.cosine if best else -2.0
+        )
+    return Verdict(d.matched.id, d.stage, d.matched.hamming, d.matched.cosine)
+
+
+# ----------------------------------------------------------------- calibration
+
+
+@dataclass
+class Queries:
+    """Keys of query images: positives (attacked or unmodified copies of registered
+    items, with the id they should match and their group) and distractors."""
+
+    first_keys: np.ndarray  # (n, 8) uint8
+    second_keys: np.ndarray  # (n, 64) int16
+    truth: list[str | None]  # registered id, None for a distractor
+    groups: list[str]  # "original", "weak", "hybrid", "practical", "distractor"
+
+
+@dataclass
+class Picks:
+    """Per (T1, K), for each query, what the rule picks with T2 = -1: whether it
+    picked anything, whether that is the query's true id, its cosine, and whether
+    stage 1 had exactly one candidate (then T2 does not apply)."""
+
+    has: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    right: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    cos: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    unique: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+
+
+def collect_picks(
+    registry: Registry,
+    q: Queries,
+    t1_grid: Sequence[int] = T1_GRID,
+    k_grid: Sequence[int] = K_GRID,
+) -> Picks:
+    picks = Picks()
+    kmax = max(k_grid)
+    n = len(q.truth)
+    for t1 in t1_grid:
+        for k in k_grid:
+            picks.has[(t1, k)] = np.zeros(n, bool)
+            picks.right[(t1, k)] = np.zeros(n, bool)
+            picks.cos[(t1, k)] = np.full(n, -2.0, np.float32)
+            picks.unique[(t1, k)] = np.zeros(n, bool)
+        for i, (a, b) in enumerate(zip(q.first_keys, q.second_keys, strict=True)):
+            resp = registry.search(a, b, t1, kmax)
+            for k in k_grid:
+                t = common_pb2.Thresholds(max_hamming=t1, min_cosine=-1.0, fallback_k=k)
+                d = decide([resp], t)
+                if d.matched is not None:
+                    picks.has[(t1, k)][i] = True
+                    picks.right[(t1, k)][i] = d.matched.id == q.truth[i]
+                    picks.cos[(t1, k)][i] = d.matched.cosine
+                    picks.unique[(t1, k)][i] = d.stage == UNIQUE
+    return picks
+
+
+def outcomes(
+    picks: Picks, t1: int, k: int, t2: float, require_second_key: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(matched anything, matched the right id) per query at (t1, t2, k), by decide()'s
+    rule applied to the T2 = -1 picks (cosines compared in float32, as decide does):
+    a unique stage-1 candidate is the answer unless require_second_key; any other pick
+    must reach T2. (The pick itself depends on neither T2 nor require_second_key.)"""
+    key = (t1, k)
+    unique = picks.unique[key] & (not require_second_key)
+    matched = picks.has[key] & (unique | (picks.cos[key] >= np.float32(t2)))
+    return matched, matched & picks.right[key]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    thresholds: Thresholds
+    target_fmr: float
+    false_match_rate: float
+    detection: dict[str, float]  # per group, right id
+    distractors: int
+    positives: int
+    feasible: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "thresholds": self.thresholds.to_dict(),
+            "target_false_match_rate": self.target_fmr,
+            "false_match_rate": round(self.false_match_rate, 5),
+            "detection": {g: round(v, 4) for g, v in self.detection.items()},
+            "distractor_queries": self.distractors,
+            "positive_queries": self.positives,
+            "feasible": self.feasible,
+        }
+
+
+def score(picks: Picks, q: Queries, t: Thresholds) -> tuple[float, dict[str, float]]:
+    """(false-match rate on distractors, right-id detection per positive group)."""
+    matched, right = outcomes(
+        picks, t.max_hamming, t.fallback_k, t.min_cosine, t.require_second_key
+    )
+    groups = np.asarray(q.groups)
+    neg = groups == "distractor"
+    fmr = float(matched[neg].mean()) if neg.any() else 0.0
+    det = {
+        g: float(right[groups == g].mean())
+        for g in dict.fromkeys(q.groups)
+        if g != "distractor"
+    }
+    return fmr, det
+
+
+def calibrate(
+    registry: Registry,
+    q: Queries,
+    target_fmr: float,
+    t1_grid: Sequence[int] = T1_GRID,
+    k_grid: Sequence[int] = K_GRID,
+    t2_grid: Sequence[float] = T2_GRID,
+    picks: Picks | None = None,
+    r_grid: Sequence[bool] = R_GRID,
+) -> tuple[Calibration, list[dict[str, Any]]]:
+    """The best (T1, T2, K, require_second_key) at false-match rate <= target_fmr
+    (see the module doc), and the frontier (best detection at each false-match rate
+    seen) for plotting. Scores every T2 of the grid at once: outcomes() vectorised."""
+    picks = picks or collect_picks(registry, q, t1_grid, k_grid)
+    attack_groups = [
+        g for g in dict.fromkeys(q.groups) if g not in ("distractor", "original")
+    ]
+    groups = np.asarray(q.groups)
+    neg = groups == "distractor"
+    masks = {g: groups == g for g in dict.fromkeys(q.groups) if g != "distractor"}
+    t2s = np.asarray(t2_grid, np.float32)
+    best: tuple[Any, ...] | None = None
+    fallback: tuple[Any, ...] | None = None
+    table: list[dict[str, Any]] = []
+    for t1 in t1_grid:
+        for k in k_grid:
+            key = (t1, k)
+            for req in r_grid:
+                # outcomes() for every T2 at once: (queries, len(t2_grid))
+                unique = picks.unique[key] & (not req)
+                matched = picks.has[key][:, None] & (
+                    unique[:, None] | (picks.cos[key][:, None] >= t2s[None, :])
+                )
+                right = matched & picks.right[key][:, None]
+                fmrs = matched[neg].mean(axis=0) if neg.any() else np.zeros(len(t2s))
+                dets = {g: right[m].mean(axis=0) for g, m in masks.items()}
+                means = (
+                    np.mean([dets[g] for g in attack_groups], axis=0)
+                    if attack_groups
+                    else np.zeros(len(t2s))
+                )
+                for j, t2 in enumerate(t2_grid):
+                    fmr, mean = float(fmrs[j]), float(means[j])
+                    t = Thresholds(t1, t2, k, req)
+                    table.append({**t.to_dict(), "fmr": fmr, "detection": mean})
+                    # larger = better: detection, fewer false matches, stricter rule
+                    rank = (mean, -fmr, req, t2, -t1, -k)
+                    originals_ok = "original" not in dets or dets["original"][j] >= 1.0
+                    if fmr <= target_fmr and originals_ok:
+                        if best is None or rank > best[0]:
+                            best = (
+                                rank,
+                                t,
+                                fmr,
+                                {g: float(v[j]) for g, v in dets.items()},
+                            )
+                    frank = (-fmr, mean, req, t2, -t1, -k)
+                    if fallback is None or frank > fallback[0]:
+                        det = {g: float(v[j]) for g, v in dets.items()}
+                        fallback = (frank, t, fmr, det)
+    chosen, feasible = (best, True) if best is not None else (fallback, False)
+    assert chosen is not None
+    _, t, fmr, det = chosen
+    cal = Calibration(
+        t, target_fmr, fmr, det, int((groups == "distractor").sum()),
+        int((groups != "distractor").sum()), feasible,
+    )  # fmt: skip
+    return cal, frontier(table)
+
+
+def frontier(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pareto front: for each false-match rate, the best detection at or below it."""
+    rows = sorted(table, key=lambda r: (r["fmr"], -r["detection"]))
+    front: list[dict[str, Any]] = []
+    for r in rows:
+        if not front or r["detection"] > front[-1]["detection"]:
+            front.append(r)
+    return front
+
+
+def write_thresholds(
+    bundle: Path, cal: Calibration, provenance: dict[str, Any]
+) -> Path:
+    """Write cal.thresholds into bundle/manifest.json (format and version unchanged;
+    the calibration's numbers and provenance under "calibration")."""
+    manifest = read_manifest(bundle)
+    extra = dict(manifest.extra)
+    extra["calibration"] = {
+        **cal.to_dict(),
+        **provenance,
+        "date": dt.date.today().isoformat(),
+        "previous_thresholds": manifest.thresholds.to_dict(),
+    }
+    return write_manifest(
+        Path(bundle), replace(manifest, thresholds=cal.thresholds, extra=extra)
+    )
+
+
+# ----------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    from copyfree_train import eval_detect
+
+    p = argparse.ArgumentParser(
+        prog="copyfree calibrate",
+        description="Pick detection thresholds (T1, T2, K) for a target false-match "
+        "rate on never-registered distractors; --write puts them into the bundle.",
+    )
+    eval_detect.add_data_args(p)
+    p.add_argument("--target-fmr", type=float, default=0.01)
+    p.add_argument("--write", action="store_true", help="update the bundle manifest")
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    config = eval_detect.config_from_args(args, hashers=("cvae",))
+    data = eval_detect.prepare(config)
+    keys = eval_detect.cvae_keys(config, data)
+    registry, q, _ = eval_detect.calibration_queries(data, keys, config.bundle)
+    cal, _ = calibrate(registry, q, args.target_fmr)
+    result = {
+        "bundle": str(config.bundle),
+        **cal.to_dict(),
+        "split": data.split_summary(),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)  # noqa: T201 (the command's output)
+    if args.json:
+        args.json.write_text(text + "\n")
+    if not cal.feasible:
+        log.error(
+            "no setting reaches false-match rate %.4f; manifest left alone",
+            args.target_fmr,
+        )
+        return 1
+    if args.write:
+        path = write_thresholds(
+            config.bundle,
+            cal,
+            {
+                "tool": "copyfree calibrate",
+                "images": str(config.images),
+                "registered": len(data.registered),
+                "calibration_distractor_images": len(data.calib_distractors),
+                "copies_per_attack": config.per_attack,
+            },
+        )
+        log.info("thresholds %s written to %s", cal.thresholds.to_dict(), path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
