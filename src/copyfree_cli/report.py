@@ -28,7 +28,7 @@ def render_check(reply: gateway_pb2.CheckResponse, label: str = "") -> str:
         lines.append(f"{head}REGISTERED: {m.collection}/{m.id}  {_meta(m)}")
         lines.append(
             f"  match: hamming {m.hamming} (<= {t.max_hamming} is stage 1), "
-            f"cosine {m.cosine:.4f} (threshold {t.min_cosine:.2f})"
+            f"cosine {m.cosine:.4f} (threshold {t.min_cosine:g})"
         )
     else:
         lines.append(
