@@ -20,6 +20,7 @@ from copyfree_train.eval_detect import (  # noqa: E402
     compute_codes,
     prepare,
     run,
+    same_picture_as,
     split_heldout,
 )
 from copyfree_train.export_detect import export_detection_bundle  # noqa: E402
@@ -70,6 +71,30 @@ def test_split_keeps_siblings_of_registered_images_as_distractors() -> None:
     for group in ({0, 1, 2}, {5, 6}):
         assert len(group & set(reg)) == 1  # one registered, the rest distractors
     assert split_heldout(held, pairs, 6, seed=0) == (reg, calib, test, with_sib)
+
+
+def test_same_picture_rule_drops_copies_but_keeps_recolours(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from copyfree.folders import ImageRecord
+
+    def rec(name: str, image: Image.Image, **kw: object) -> ImageRecord:
+        path = tmp_path / name
+        image.save(path, **kw)  # type: ignore[arg-type]
+        return ImageRecord(path, name, "")
+
+    original = make_picture(3, (120, 90))
+    rgb = np.asarray(original).copy()
+    swapped = Image.fromarray(rgb[..., ::-1].copy())  # same shapes, other colours
+    other = make_picture(9, (120, 90))
+    registered = [rec("orig.png", original), rec("other.png", other)]
+    candidates = [
+        rec("copy.jpg", original, quality=90),  # the same picture, re-encoded
+        rec("recolour.png", swapped),
+        rec("unrelated.png", make_picture(17, (120, 90))),
+    ]
+    assert same_picture_as(candidates, registered).tolist() == [True, False, False]
+    assert same_picture_as([], registered).size == 0
 
 
 def test_eval_detect_end_to_end(bundle: tuple[Path, Path], tmp_path: Path) -> None:

@@ -9,7 +9,11 @@ registered originals and never-registered distractors. Look-alike siblings
 (near_duplicates.csv of the image folder) are hard negatives: a group of siblings
 contributes one registered image and its siblings go to the distractors. Distractors are
 halved: calibration distractors (what `copyfree calibrate` and the per-hasher thresholds
-are fitted on) and test distractors (where false-match rates are measured).
+are fitted on) and test distractors (where false-match rates are measured). A
+distractor that is the same picture as a registered original under the dataset's own
+`same_image` rule (mean absolute difference under 2 levels on a 16x16 thumbnail; here
+in RGB, so a recolour stays a negative) but is not listed in near_duplicates.csv is a
+copy, not a negative: it is left out and counted.
 
 Queries: every registered original unmodified; for each attack of copyfree_train.attacks
 (176 variants: seed 004 Table 1 with every parameter, Table 2, seed 000, practical
@@ -129,6 +133,7 @@ class EvalData:
     negatives: np.ndarray  # per query: another registered original (seed-004 negatives)
     work_size: int
     siblings_held: int  # held-out images with a look-alike sibling in the held-out part
+    duplicates_dropped: int = 0  # distractors that are a registered picture (unlisted)
 
     def split_summary(self) -> dict[str, int]:
         return {
@@ -137,6 +142,7 @@ class EvalData:
             "calibration_distractors": len(self.calib_distractors),
             "test_distractors": len(self.test_distractors),
             "held_out_with_sibling": self.siblings_held,
+            "distractors_dropped_as_duplicates": self.duplicates_dropped,
             "queries": len(self.queries),
         }
 
@@ -207,6 +213,36 @@ def split_heldout(
     return registered, calib, test, with_sibling
 
 
+SAME_PICTURE_THUMB = 16
+SAME_PICTURE_MAD = 2.0  # the dataset's same_image rule (datasets/dev/README.md)
+
+
+def thumbnails(records: Sequence[ImageRecord]) -> np.ndarray:
+    """(n, 16 * 16 * 3) float32 RGB thumbnails (area average) of the image files."""
+    out = np.empty((len(records), SAME_PICTURE_THUMB**2 * 3), np.float32)
+    for i, r in enumerate(records):
+        with Image.open(r.path) as im:
+            small = im.convert("RGB").resize(
+                (SAME_PICTURE_THUMB, SAME_PICTURE_THUMB), Image.Resampling.BOX
+            )
+        out[i] = np.asarray(small, np.float32).ravel()
+    return out
+
+
+def same_picture_as(
+    candidates: Sequence[ImageRecord], references: Sequence[ImageRecord]
+) -> np.ndarray:
+    """Bool per candidate: its thumbnail is within SAME_PICTURE_MAD of a reference's."""
+    if not candidates or not references:
+        return np.zeros(len(candidates), bool)
+    ref = thumbnails(references)
+    cand = thumbnails(candidates)
+    hit = np.zeros(len(candidates), bool)
+    for i, t in enumerate(cand):
+        hit[i] = bool((np.abs(ref - t).mean(axis=1) < SAME_PICTURE_MAD).any())
+    return hit
+
+
 def held_out_records(config: DetectEvalConfig) -> list[ImageRecord]:
     """The bundle's held-out images (the trainer's split, from the manifest)."""
     from copyfree_train.train_detect import DetectTrainConfig, training_records
@@ -229,6 +265,17 @@ def prepare(config: DetectEvalConfig) -> EvalData:
     reg, calib, test, with_sib = split_heldout(
         held, read_siblings(config.images), config.registered, config.seed
     )
+    registered = [held[i] for i in reg]
+    dup_calib = same_picture_as([held[i] for i in calib], registered)
+    dup_test = same_picture_as([held[i] for i in test], registered)
+    calib = [i for i, d in zip(calib, dup_calib, strict=True) if not d]
+    test = [i for i, d in zip(test, dup_test, strict=True) if not d]
+    dropped = int(dup_calib.sum() + dup_test.sum())
+    # The dropped images leave the evaluation entirely (records are renumbered).
+    kept = sorted(reg + calib + test)
+    new_index = {old: new for new, old in enumerate(kept)}
+    held = [held[i] for i in kept]
+    reg, calib, test = ([new_index[i] for i in part] for part in (reg, calib, test))
     if len(reg) < 2 or not calib or not test:
         raise SystemExit(
             f"{len(held)} held-out images are too few for {config.registered} "
@@ -269,7 +316,15 @@ def prepare(config: DetectEvalConfig) -> EvalData:
     for n, q in zip(negatives, queries, strict=True):
         assert n != q.image
     return EvalData(
-        list(held), reg, calib, test, queries, negatives, config.work_size, with_sib
+        list(held),
+        reg,
+        calib,
+        test,
+        queries,
+        negatives,
+        config.work_size,
+        with_sib,
+        dropped,
     )
 
 
