@@ -265,12 +265,15 @@ def prepare(config: DetectEvalConfig) -> EvalData:
     reg, calib, test, with_sib = split_heldout(
         held, read_siblings(config.images), config.registered, config.seed
     )
-    registered = [held[i] for i in reg]
-    dup_calib = same_picture_as([held[i] for i in calib], registered)
-    dup_test = same_picture_as([held[i] for i in test], registered)
-    calib = [i for i, d in zip(calib, dup_calib, strict=True) if not d]
-    test = [i for i, d in zip(test, dup_test, strict=True) if not d]
-    dropped = int(dup_calib.sum() + dup_test.sum())
+    duplicate = same_picture_as([held[i] for i in calib + test], [held[i] for i in reg])
+    dropped = int(duplicate.sum())
+    calib, test = (
+        [i for i, d in zip(part, flags, strict=True) if not d]
+        for part, flags in (
+            (calib, duplicate[: len(calib)]),
+            (test, duplicate[len(calib) :]),
+        )
+    )
     # The dropped images leave the evaluation entirely (records are renumbered).
     kept = sorted(reg + calib + test)
     new_index = {old: new for new, old in enumerate(kept)}
@@ -888,6 +891,12 @@ TARGETS = (
 def render_markdown(r: dict[str, Any]) -> str:
     s4 = r["seed004"]
     names = list(s4)
+
+    def row(label: str, fmt: str, key: str) -> str:
+        return (
+            f"| {label} | " + " | ".join(fmt.format(s4[n][key]) for n in names) + " |"
+        )
+
     lines = [
         f"# Detection report: {r['bundle']}",
         "",
@@ -899,23 +908,13 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "| | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
-        "| bits | " + " | ".join(str(s4[n]["bits"]) for n in names) + " |",
-        "| NHD_d mean | "
-        + " | ".join(f"{s4[n]['nhd_d_mean']:.4f}" for n in names)
-        + " |",
-        "| NHD_d std | "
-        + " | ".join(f"{s4[n]['nhd_d_std']:.4f}" for n in names)
-        + " |",
-        "| tau (1 % FP) | " + " | ".join(f"{s4[n]['tau']:.4f}" for n in names) + " |",
-        "| avg NHD_r (25) | "
-        + " | ".join(f"{s4[n]['avg25_nhd_r']:.4f}" for n in names)
-        + " |",
-        "| **avg F1 (25)** | "
-        + " | ".join(f"**{s4[n]['avg25_f1']:.3f}**" for n in names)
-        + " |",
-        "| collision rate | "
-        + " | ".join(f"{s4[n]['collision_rate']:.4f}" for n in names)
-        + " |",
+        row("bits", "{}", "bits"),
+        row("NHD_d mean", "{:.4f}", "nhd_d_mean"),
+        row("NHD_d std", "{:.4f}", "nhd_d_std"),
+        row("tau (1 % FP)", "{:.4f}", "tau"),
+        row("avg NHD_r (25)", "{:.4f}", "avg25_nhd_r"),
+        row("**avg F1 (25)**", "**{:.3f}**", "avg25_f1"),
+        row("collision rate", "{:.4f}", "collision_rate"),
         "",
         "Per attack family: NHD_r mean (std) / F1 at tau.",
         "",
