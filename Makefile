@@ -19,7 +19,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+$(STAMP): pyproject.toml setup.py src/copyfree/_scan.c | $(VENV)/bin/python
 	$(PIP) install -q -e '.[encoder,index,gateway,dev]'
 	touch $@
 

@@ -1,16 +1,29 @@
 """Exact Hamming search over packed codes, with deterministic ordering so that sharded
 and single-node answers are identical. Used by the index and by evaluation.
 
-The scans here are the brute-force side of the index: xor + np.bitwise_count over
-blocks of rows small enough that the temporaries stay in L2, so the only trip to
-memory is the one read of the codes. The index's multi-index hash tables
-(copyfree_index.mih) beat them at large N; these win for small N and large radii.
+The scans here are the brute-force side of the index. `within_radius` and `k_nearest`
+run the fused C loop of copyfree._scan (built by setup.py; ~2x faster than numpy, at
+the memory-bandwidth floor once the codes are out of cache) when it is built, and
+otherwise xor + np.bitwise_count over blocks of rows small enough that the
+temporaries stay in L2. The index's multi-index hash tables (copyfree_index.mih) beat
+both at large N for small radii; the scans win for small N and large radii.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numpy.typing import NDArray
+
+try:  # the fused C scan; absent when the package was built without a C compiler
+    from copyfree import _scan
+except ImportError:  # pragma: no cover - depends on the build
+    _scan = None
+
+# Which scan within_radius and k_nearest run: "c" when the extension is built, else
+# "numpy". Tests set it to run both against brute force; benchmarks report it.
+SCAN_KERNEL = "c" if _scan is not None else "numpy"
+# First output capacity of a C scan; a larger answer costs a second pass.
+_FIRST_CAPACITY = 4096
 
 # Rows per block: keeps the xor/popcount temporaries inside L2 cache.
 _BLOCK_ROWS = 65_536
@@ -48,12 +61,44 @@ def small_distances(
     return out
 
 
+def _c_ready(db: NDArray[np.uint64]) -> bool:
+    return (
+        SCAN_KERNEL == "c"
+        and db.dtype == np.uint64
+        and db.flags.c_contiguous
+        and 1 <= db.shape[1] <= 4
+    )
+
+
 def within_radius(
-    db: NDArray[np.uint64], query: NDArray[np.uint64], radius: int
+    db: NDArray[np.uint64],
+    query: NDArray[np.uint64],
+    radius: int,
+    alive: NDArray[np.bool_] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.int32]]:
-    """Rows with distance <= radius (inclusive): (row numbers, distances), by row."""
+    """Rows with distance <= radius (inclusive): (row numbers, distances), by row;
+    rows where `alive` is False are skipped."""
     if radius < 0 or db.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    if _c_ready(db):
+        q = np.ascontiguousarray(query, np.uint64)
+        cap = min(db.shape[0], _FIRST_CAPACITY)
+        while True:
+            rows, dist = np.empty(cap, np.int64), np.empty(cap, np.int32)
+            total = _scan.within(db, q, radius, alive, rows, dist)
+            if total <= cap:
+                return rows[:total], dist[:total]
+            cap = total
+    rows, d = _numpy_within_radius(db, query, radius)
+    if alive is not None:
+        keep = alive[rows]
+        rows, d = rows[keep], d[keep]
+    return rows, d
+
+
+def _numpy_within_radius(
+    db: NDArray[np.uint64], query: NDArray[np.uint64], radius: int
+) -> tuple[NDArray[np.int64], NDArray[np.int32]]:
     if db.shape[1] * 64 > 255:
         d = distances(db, query)
         rows = np.flatnonzero(d <= radius)
@@ -92,6 +137,16 @@ def k_nearest(
     n, words = db.shape
     if k <= 0 or n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    if _c_ready(db):
+        q = np.ascontiguousarray(query, np.uint64)
+        cap = min(n, max(_FIRST_CAPACITY, 8 * k))
+        while True:
+            rows, dist = np.empty(cap, np.int64), np.empty(cap, np.int32)
+            held, limit = _scan.nearest(db, q, k, alive, rows, dist)
+            if held >= 0:
+                keep = np.flatnonzero(dist[:held] <= limit)
+                return rows[keep], dist[keep]
+            cap = n  # more rows tied within the bound than the buffer held
     bits = 64 * words
     small = bits <= 255
     limit = bits  # distances above it cannot be among the k nearest any more

@@ -7,10 +7,11 @@ is exact; results equal a brute-force scan (tests/unit/index check that).
 
 Cost model (nanoseconds, measured on the 2-core dev VM): a probe pass costs PASS_NS of
 numpy call overhead, PROBE_NS per bucket read (a cache miss or two) and CANDIDATE_NS
-per row verified; a scan costs SCAN_PASS_NS plus SCAN_NS per row and word (more for
-nearest-k, whose threshold tightens as it goes). Expected candidates assume uniform
-bucket loads. The model only has to rank the two methods; the figures are fits to
-probe and scan timings at 1M and 10M rows (benchmarks/bench_index.py data).
+per row verified; a scan costs SCAN_PASS_NS plus SCAN_NS per row and word, by scan
+kernel (copyfree.hamming.SCAN_KERNEL: the fused C loop or numpy's three passes).
+Expected candidates assume uniform bucket loads. The model only has to rank the two
+methods; the figures are fits to probe and scan timings at 1M and 10M rows
+(benchmarks/bench_index.py data).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from copyfree_index.mih import (
 )
 from copyfree_index.ragged import concat_ranges
 
-PASS_NS = 20_000.0
-PROBE_NS = 40.0
-CANDIDATE_NS = 14.0  # incl. the per-candidate work after the probe (dedup, bounds)
+PASS_NS = 70_000.0  # incl. gathering the hits (dedup by row)
+PROBE_NS = 12.0
+CANDIDATE_NS = 8.0  # incl. the per-candidate work after the probe (dedup, bounds)
 BOUND_NS = 80_000.0  # a k-th distance bound over the candidates (nearest-k)
 # Nearest-k pass schedule, per table layout (measured on clustered keys at 1M and 10M
 # rows): the first pass's radius at most, and how many bits a later pass may widen
@@ -42,8 +43,9 @@ BOUND_NS = 80_000.0  # a k-th distance bound over the candidates (nearest-k)
 START_RADIUS_CAP = {"narrow": 12, "wide": 8}
 MAX_STEP = {"narrow": 64, "wide": 4}
 SCAN_PASS_NS = 20_000.0
-SCAN_NS = 1.5  # per row and word, radius search
-SCAN_NEAREST_NS = 1.6  # per row and word, nearest-k (streaming top-k)
+# per row and word, radius search and nearest-k (streaming top-k), by scan kernel
+SCAN_NS = {"c": 0.62, "numpy": 1.5}
+SCAN_NEAREST_NS = {"c": 0.62, "numpy": 1.6}
 # Tests (and the benchmark) pin the method to exercise both paths on small data.
 FORCE_METHOD: str | None = None  # "mih" | "scan" | None (the cost model decides)
 _EMPTY_ROWS = np.zeros(0, np.int64)
@@ -71,7 +73,7 @@ class View:
 
 
 def scan_cost(view: View, nearest: bool = False) -> float:
-    per_row = SCAN_NEAREST_NS if nearest else SCAN_NS
+    per_row = (SCAN_NEAREST_NS if nearest else SCAN_NS)[hamming.SCAN_KERNEL]
     return SCAN_PASS_NS + per_row * view.rows * view.words.shape[1]
 
 
@@ -105,9 +107,8 @@ def within(view: View, query: NDArray[np.uint64], radius: int) -> Hits:
     if view.rows == 0 or radius < 0:
         return _EMPTY_ROWS, _EMPTY_D
     if method_for_radius(view, radius) == "scan":
-        rows, d = hamming.within_radius(view.words, query, radius)
-        keep = view.alive[rows]
-        return rows[keep], d[keep]
+        alive = view.alive if view.live < view.rows else None
+        return hamming.within_radius(view.words, query, radius, alive)
     state = _Probing(view, query)
     state.extend(state.layout.split(radius))
     return state.hits(radius)
@@ -207,8 +208,11 @@ def nearest(view: View, query: NDArray[np.uint64], k: int) -> Hits:
         return _scan_nearest(view, query, k)
     if view.tables.layout.full_code:
         return _walk(view, query, k)
+    start = _start_radius(view, k)
+    if FORCE_METHOD is None and _probing_dearer(view, start):
+        return _scan_nearest(view, query, k)
     state = _Probing(view, query)
-    return _continue_nearest(state, k, _start_radius(view, k))
+    return _continue_nearest(state, k, start)
 
 
 def nearest_exactly(
@@ -254,6 +258,18 @@ def _start_radius(view: View, k: int) -> int:
         if rows * ball_size(bits, r) / 2.0**bits >= k:
             return min(r, START_RADIUS_CAP[_kind(view)])
     return START_RADIUS_CAP[_kind(view)]
+
+
+def _probing_dearer(view: View, start: int) -> bool:
+    """Whether probing is expected to cost more than a scan before it starts. The
+    k-th distance of even a near copy usually lies a ring per group beyond the
+    start radius (clustered keys at 1M and 10M rows), so that is the radius priced;
+    a far query's lies further still and falls back to a scan after a pass."""
+    assert view.tables is not None
+    layout = view.tables.layout
+    ahead = layout.split(min(view.code_bits, start + layout.m))
+    none = (-1,) * layout.m
+    return probe_cost(view, none, ahead) > scan_cost(view, nearest=True)
 
 
 def _kind(view: View) -> str:
