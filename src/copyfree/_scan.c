@@ -19,6 +19,9 @@ buffers (int64 rows, int32 distances) of the same capacity. They release the GIL
   (64 W if fewer than k). The caller keeps the held rows with distance <= limit:
   every row tied at the k-th is among them. held = -1: more rows are tied within
   the bound than the capacity holds (call again with room for n).
+- buckets(entries, len_bits, slot_codes, query, limit, index_out, dist_out) -> total
+  multi-index hashing's verification: the slots of the given buckets within limit
+  (same capacity rule as within).
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -189,6 +192,59 @@ static int scan_nearest(const uint64_t *codes, Py_ssize_t n, Py_ssize_t words,
     return 1;
 }
 
+/* The verification step of multi-index hashing (copyfree_index.mih): each entry
+   is start << len_bits | length of a bucket in the slot arrays, whose codes are
+   one word each; writes (slot, distance) of every slot within limit, bucket by
+   bucket. The caller read the entries before it took the slot arrays (the tables'
+   reader protocol), so every bucket named is inside `codes`; checked anyway. */
+CLONES
+static Py_ssize_t scan_buckets(const int64_t *entries, Py_ssize_t n_entries,
+                               int len_bits, const uint64_t *codes,
+                               Py_ssize_t n_codes, uint64_t q, int limit,
+                               int64_t *index, int32_t *dist, Py_ssize_t cap) {
+    const int64_t mask = ((int64_t)1 << len_bits) - 1;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t b = 0; b < n_entries; b++) {
+        int64_t start = entries[b] >> len_bits, end = start + (entries[b] & mask);
+        if (start < 0 || end > n_codes) return -1;
+        for (int64_t s = start; s < end; s++) {
+            int d = __builtin_popcountll(codes[s] ^ q);
+            if (d > limit) continue;
+            if (total < cap) {
+                index[total] = s;
+                dist[total] = d;
+            }
+            total++;
+        }
+    }
+    return total;
+}
+
+static PyObject *buckets(PyObject *self, PyObject *args) {
+    Py_buffer entries, codes, index, dist;
+    unsigned long long q;
+    int len_bits, limit;
+    Py_ssize_t total;
+    if (!PyArg_ParseTuple(args, "y*iy*Kiw*w*", &entries, &len_bits, &codes, &q,
+                          &limit, &index, &dist))
+        return NULL;
+    Py_ssize_t cap = index.len / 8 < dist.len / 4 ? index.len / 8 : dist.len / 4;
+    Py_BEGIN_ALLOW_THREADS
+    total = scan_buckets((const int64_t *)entries.buf, entries.len / 8, len_bits,
+                         (const uint64_t *)codes.buf, codes.len / 8, (uint64_t)q,
+                         limit, (int64_t *)index.buf, (int32_t *)dist.buf, cap);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&entries);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&index);
+    PyBuffer_Release(&dist);
+    if (total < 0) {
+        PyErr_SetString(PyExc_ValueError, "a bucket entry points past the slots");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(total);
+}
+
 static PyObject *within(PyObject *self, PyObject *args) {
     Args a;
     Py_ssize_t radius, total;
@@ -240,6 +296,7 @@ static PyObject *nearest(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"within", within, METH_VARARGS, "Rows within a Hamming radius (see the module)."},
     {"nearest", nearest, METH_VARARGS, "Streaming k-nearest scan (see the module)."},
+    {"buckets", buckets, METH_VARARGS, "Verify the slots of hash buckets (see above)."},
     {NULL, NULL, 0, NULL},
 };
 

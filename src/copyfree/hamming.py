@@ -70,6 +70,25 @@ def _c_ready(db: NDArray[np.uint64]) -> bool:
     )
 
 
+def bucket_distances(
+    entries: NDArray[np.int64],
+    len_bits: int,
+    slot_codes: NDArray[np.uint64],
+    query_word: int,
+    limit: int,
+) -> tuple[NDArray[np.int64], NDArray[np.int32]]:
+    """(slot, distance) of every slot within limit in the buckets named by
+    `entries` (start << len_bits | length, into the one-word `slot_codes`), bucket
+    by bucket: multi-index hashing's verification in one C pass. C kernel only:
+    the caller keeps its numpy path for SCAN_KERNEL == "numpy"."""
+    assert _scan is not None, "copyfree._scan is not built"
+    # room for every slot: one pass, and untouched pages of np.empty cost nothing
+    cap = int((entries & ((1 << len_bits) - 1)).sum())
+    index, dist = np.empty(cap, np.int64), np.empty(cap, np.int32)
+    total = _scan.buckets(entries, len_bits, slot_codes, query_word, limit, index, dist)
+    return index[:total], dist[:total]
+
+
 def within_radius(
     db: NDArray[np.uint64],
     query: NDArray[np.uint64],

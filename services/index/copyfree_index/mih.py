@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from copyfree import hamming
 from copyfree_index.ragged import concat_ranges
 
 LEN_BITS = 31
@@ -415,16 +416,23 @@ class MultiIndex:
         lo: tuple[int, ...],
         hi: tuple[int, ...],
         words: NDArray[np.uint64],
+        limit: int | None = None,
     ) -> Candidates:
         """Every row in the buckets of rings (lo_i, hi_i] around the query, with its
         exact distance, duplicates and rows past any snapshot included (the caller
-        filters). Row numbers are gathered only for the candidates the caller keeps
-        (`Candidates.rows`). `words` (a snapshot's codes) is read only for codes
-        wider than one word."""
+        filters); rows farther than `limit` may be left out. Row numbers are
+        gathered only for the candidates the caller keeps (`Candidates.rows`).
+        `words` (a snapshot's codes) is read only for codes wider than one word."""
         plan = probe_plan(self.layout, lo, hi)
         if plan.masks.size == 0:
             return Candidates.none()
         entry, rows_s, codes_s = self.buckets(query, plan)
+        if codes_s is not None and hamming.SCAN_KERNEL == "c":
+            bound = self.layout.code_bits if limit is None else limit
+            index, dist = hamming.bucket_distances(
+                entry, LEN_BITS, codes_s, int(query[0]), bound
+            )
+            return Candidates(rows_s, index, dist)
         length = entry & LEN_MASK
         nz = np.flatnonzero(length)
         if nz.size == 0:

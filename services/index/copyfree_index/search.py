@@ -110,7 +110,7 @@ def within(view: View, query: NDArray[np.uint64], radius: int) -> Hits:
         alive = view.alive if view.live < view.rows else None
         return hamming.within_radius(view.words, query, radius, alive)
     state = _Probing(view, query)
-    state.extend(state.layout.split(radius))
+    state.extend(state.layout.split(radius), limit=radius)
     return state.hits(radius)
 
 
@@ -130,10 +130,12 @@ class _Probing:
     def covered(self) -> int:
         return self.layout.covered(self.lo) if max(self.lo) >= 0 else -1
 
-    def extend(self, hi: tuple[int, ...]) -> None:
+    def extend(self, hi: tuple[int, ...], limit: int | None = None) -> None:
+        """Probe the rings up to `hi`; candidates farther than `limit` may be left
+        out (a radius search that will not go on to nearest-k)."""
         hi = tuple(max(a, b) for a, b in zip(self.lo, hi, strict=True))
         if hi != self.lo:
-            found = self.tables.probe(self.query, self.lo, hi, self.view.words)
+            found = self.tables.probe(self.query, self.lo, hi, self.view.words, limit)
             self.passes.append(found)
         self.lo = hi
 

@@ -69,12 +69,27 @@ def build(
     return coll
 
 
-@pytest.fixture(params=["mih", "scan", "auto"])
+@pytest.fixture(
+    params=[
+        ("mih", "c"),
+        ("mih", "numpy"),
+        ("scan", "c"),
+        ("scan", "numpy"),
+        ("auto", "c"),
+    ],
+    ids=lambda p: "-".join(p),
+)
 def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A search method and the scan kernel behind it (the C one's bucket
+    verification and scans, or the numpy fallback)."""
+    how, kernel = request.param
+    if kernel == "c" and hamming._scan is None:
+        pytest.skip("copyfree._scan is not built")
+    monkeypatch.setattr(hamming, "SCAN_KERNEL", kernel)
     monkeypatch.setattr(mih, "MIN_ROWS", 200)
-    if request.param != "auto":
-        monkeypatch.setattr(search, "FORCE_METHOD", request.param)
-    return str(request.param)
+    if how != "auto":
+        monkeypatch.setattr(search, "FORCE_METHOD", how)
+    return str(how)
 
 
 @pytest.mark.parametrize(("bits", "wide"), LAYOUTS)
@@ -262,3 +277,25 @@ def test_planner_prefers_tables_for_small_radii_and_scans_for_large_ones() -> No
     assert search.method_for_radius(view(1_000), 12) == "scan"
     no_tables = search.View(words, np.ones(1, bool), 1, 64, None)
     assert search.method_for_radius(no_tables, 0) == "scan"
+
+
+def test_planner_scans_for_nearest_k_where_probing_would_cost_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Measured (benchmarks/bench_index.py): with the C scan, the top-100 of even a
+    near copy costs 4 x 16-bit tables more than a scan of 1M rows, while 3 wide
+    tables over 10M rows find it for a tenth of a scan."""
+    monkeypatch.setattr(hamming, "SCAN_KERNEL", "c")
+    words = np.zeros((1, 1), np.uint64)
+
+    def view(rows: int) -> search.View:
+        layout = mih.choose_layout(64, rows)
+        assert layout is not None
+        alive = np.ones(rows, bool)
+        return search.View(
+            np.broadcast_to(words, (rows, 1)), alive, rows, 64, mih.MultiIndex(layout)
+        )
+
+    one_m, ten_m = view(1_000_000), view(10_000_000)
+    assert search._probing_dearer(one_m, search._start_radius(one_m, 100))
+    assert not search._probing_dearer(ten_m, search._start_radius(ten_m, 100))
