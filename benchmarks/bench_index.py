@@ -1155,6 +1155,17 @@ def render(
             f"B/item, search tables {m['tables']:.1f}, id map + offsets + alive "
             f"{m['bookkeeping']:.1f}.",
         ]
+        if red.reload:
+            items, seconds, _, nbytes, floor = red.reload[-1]
+            lines += [
+                "",
+                f"Page-in floor: a fresh process writing new memory once takes "
+                f"{floor / nbytes * 1e9:.2f} s per GB on this machine, so the "
+                f"{nbytes / 1e9:.2f} GB that {items:,} items occupy cost {floor:.2f} s "
+                f"of the reload's {seconds:.2f} s before any work; the reload's "
+                "temporaries (decoded Redis replies, sort keys of the table build, "
+                "hashes of the ids) are fresh memory too.",
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -410,6 +410,17 @@ class MultiIndex:
         rows_s, codes_s = self._slots
         return entry, rows_s, codes_s
 
+    def own_bucket(
+        self, query: NDArray[np.uint64]
+    ) -> tuple[int, int, NDArray[np.int32]]:
+        """(start, length, slot rows) of the query's own bucket in a full-code table:
+        one entry read, then the slots (the reader protocol's order)."""
+        g = self.layout.groups[0]
+        entry = int(
+            self._entries[(int(query[g.word]) >> g.shift) & ((1 << g.width) - 1)]
+        )
+        return entry >> LEN_BITS, entry & LEN_MASK, self._slots[0]
+
     def probe(
         self,
         query: NDArray[np.uint64],

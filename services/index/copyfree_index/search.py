@@ -223,6 +223,12 @@ def nearest_exactly(
     """Exactly min(k, live) rows, the k smallest by (distance, row number), ordered:
     the same task as faiss's search (which breaks ties by index order too)."""
     rows, d = nearest(view, query, k)
+    if d.size and d[0] == d[-1] and d.min() == d.max():
+        # one distance (a bucket of 16-bit codes): order by row alone
+        if rows.size > k:
+            rows = np.partition(rows, k - 1)[:k]
+        rows.sort()
+        return rows, d[: rows.size]
     key = d.astype(np.int64) << 32 | rows.astype(np.int64)
     if key.size > k:
         key = key[np.argpartition(key, k - 1)[:k]]
@@ -319,6 +325,13 @@ def _walk(view: View, query: NDArray[np.uint64], k: int) -> Hits:
     those buckets' rows are gathered, and nothing needs verifying."""
     tables = view.tables
     assert tables is not None
+    # Ring 0 first: at millions of rows the query's own bucket often holds k rows
+    # (70 % of the benchmark's queries at 10M), and one entry read answers them.
+    start, length, rows_s = tables.own_bucket(query)
+    if length >= k and tables.rows == view.rows and view.live == view.rows:
+        # (rows checked after the entry: a writer publishes its row count first)
+        rows = rows_s[start : start + length].astype(np.int64)
+        return rows, np.zeros(length, np.int32)
     layout = tables.layout
     width = layout.groups[0].width
     r = 0  # rings to look at: enough for ~4k rows if the codes were uniform

@@ -17,6 +17,7 @@ from copyfree_index.shard import (
     CollectionSpec,
     ItemBatch,
     ModelRef,
+    Snapshot,
 )
 
 MODEL = ModelRef("m", "1")
@@ -136,12 +137,59 @@ def test_radius_and_nearest_equal_brute_force(
             assert sorted(zip(rows.tolist(), dist.tolist(), strict=True)) == list(
                 zip(want.tolist(), d[want].tolist(), strict=True)
             )
+            assert_exact_top_k(snap.view, q, k, d_live)
         (hits, _), (near, _) = search.detect_search(snap.view, q, 2, 16)
         within = np.flatnonzero(d_live <= 2)
         assert hits.tolist() == within.tolist()
         if not within.size:
             kth = np.sort(d_live)[15]
             assert sorted(near.tolist()) == np.flatnonzero(d_live <= kth).tolist()
+
+
+def assert_exact_top_k(
+    view: search.View, q: np.ndarray, k: int, d_live: np.ndarray
+) -> None:
+    """nearest_exactly: the k smallest by (distance, row), as faiss orders them."""
+    order = np.lexsort((np.arange(d_live.size), d_live))
+    want = order[: min(k, int((d_live < 10**6).sum()))]
+    rows, dist = search.nearest_exactly(view, q, k)
+    assert rows.tolist() == want.tolist()
+    assert dist.tolist() == d_live[want].tolist()
+
+
+def test_sixteen_bit_walk_answers_from_the_own_bucket_only_when_it_may(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The query's own bucket holding k rows answers at once, but not for a
+    snapshot older than the tables (rows appended since) nor with tombstones."""
+    monkeypatch.setattr(mih, "MIN_ROWS", 200)
+    rng = np.random.default_rng(16)
+    distinct = rng.integers(0, 256, (8, 2), dtype=np.uint8)
+    packed = distinct[rng.integers(0, 8, 3000)]
+    coll = build(16, packed, rng, batch=500)
+
+    def check(snap: Snapshot) -> None:
+        words, view, alive = snap.words, snap.view, snap.alive
+        for q in [codes.to_words(distinct[i : i + 1])[0] for i in range(8)]:
+            d_live = np.where(alive, hamming.distances(words, q), 10**6)
+            for k in (1, 5, 100, 2000):
+                rows, dist = search.nearest(view, q, k)
+                kth = np.sort(d_live)[k - 1]
+                assert sorted(rows.tolist()) == np.flatnonzero(d_live <= kth).tolist()
+                assert_exact_top_k(view, q, k, d_live)
+
+    old = coll.snapshot()
+    check(old)  # nothing written since: own buckets answer k <= their size
+    coll.upsert(
+        ItemBatch.of(
+            [f"new{j}" for j in range(300)],
+            np.repeat(distinct[:1], 300, axis=0),
+            np.ones((300, 4), np.int8),
+        )
+    )
+    coll.delete([f"i{j}" for j in range(0, 200, 3)])
+    check(old)  # rows appended since: dropped
+    check(coll.snapshot())  # tombstones
 
 
 def test_exact_threshold_membership(method: str) -> None:
