@@ -416,10 +416,21 @@ class MultiIndex:
         """(start, length, slot rows) of the query's own bucket in a full-code table:
         one entry read, then the slots (the reader protocol's order)."""
         g = self.layout.groups[0]
-        entry = int(
-            self._entries[(int(query[g.word]) >> g.shift) & ((1 << g.width) - 1)]
-        )
+        own = (int(query[g.word]) >> g.shift) & ((1 << g.width) - 1)
+        entry = int(self._entries[own])
         return entry >> LEN_BITS, entry & LEN_MASK, self._slots[0]
+
+    def near_buckets(
+        self, query: NDArray[np.uint64]
+    ) -> tuple[NDArray[np.int64], NDArray[np.uint8], NDArray[np.int32]]:
+        """Entries of the buckets within distance 1 of the query in a full-code
+        table (its own first), their distances, then the slot rows (the reader
+        protocol's order)."""
+        g = self.layout.groups[0]
+        masks, pops = ring_masks(g.width, 0, 1)
+        own = (int(query[g.word]) >> g.shift) & ((1 << g.width) - 1)
+        entries = self._entries[masks ^ own]
+        return entries, pops, self._slots[0]
 
     def probe(
         self,

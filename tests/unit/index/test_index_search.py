@@ -157,11 +157,12 @@ def assert_exact_top_k(
     assert dist.tolist() == d_live[want].tolist()
 
 
-def test_sixteen_bit_walk_answers_from_the_own_bucket_only_when_it_may(
+def test_sixteen_bit_walk_answers_from_near_buckets_only_when_it_may(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The query's own bucket holding k rows answers at once, but not for a
-    snapshot older than the tables (rows appended since) nor with tombstones."""
+    """The query's own bucket, or the 17 buckets within distance 1, holding k rows
+    answer at once, but not for a snapshot older than the tables (rows appended
+    since) nor with tombstones."""
     monkeypatch.setattr(mih, "MIN_ROWS", 200)
     rng = np.random.default_rng(16)
     distinct = rng.integers(0, 256, (8, 2), dtype=np.uint8)
@@ -170,7 +171,10 @@ def test_sixteen_bit_walk_answers_from_the_own_bucket_only_when_it_may(
 
     def check(snap: Snapshot) -> None:
         words, view, alive = snap.words, snap.view, snap.alive
-        for q in [codes.to_words(distinct[i : i + 1])[0] for i in range(8)]:
+        near = distinct.copy()
+        near[:, 0] ^= 0b100  # one bit off: the own bucket is (likely) empty, ring 1 not
+        queries = np.concatenate([distinct, near])
+        for q in [codes.to_words(queries[i : i + 1])[0] for i in range(16)]:
             d_live = np.where(alive, hamming.distances(words, q), 10**6)
             for k in (1, 5, 100, 2000):
                 rows, dist = search.nearest(view, q, k)
