@@ -399,11 +399,7 @@ class MultiIndex:
         """The entries of the plan's buckets around the query, and the slot arrays
         to read them from (in that order: see the module docstring)."""
         qkeys = np.array(  # Python ints: cheaper than numpy calls on one row
-            [
-                (int(query[g.word]) >> g.shift) & ((1 << g.width) - 1)
-                for g in self.layout.groups
-            ],
-            np.int64,
+            [_bucket_of(query, g) for g in self.layout.groups], np.int64
         )
         keys = plan.base + (qkeys[plan.group] ^ plan.masks)
         entry = self._entries[keys]  # entries first, then slots
@@ -415,9 +411,7 @@ class MultiIndex:
     ) -> tuple[int, int, NDArray[np.int32]]:
         """(start, length, slot rows) of the query's own bucket in a full-code table:
         one entry read, then the slots (the reader protocol's order)."""
-        g = self.layout.groups[0]
-        own = (int(query[g.word]) >> g.shift) & ((1 << g.width) - 1)
-        entry = int(self._entries[own])
+        entry = int(self._entries[_bucket_of(query, self.layout.groups[0])])
         return entry >> LEN_BITS, entry & LEN_MASK, self._slots[0]
 
     def near_buckets(
@@ -428,8 +422,7 @@ class MultiIndex:
         protocol's order)."""
         g = self.layout.groups[0]
         masks, pops = ring_masks(g.width, 0, 1)
-        own = (int(query[g.word]) >> g.shift) & ((1 << g.width) - 1)
-        entries = self._entries[masks ^ own]
+        entries = self._entries[masks ^ _bucket_of(query, g)]
         return entries, pops, self._slots[0]
 
     def probe(
@@ -492,6 +485,11 @@ class Candidates:
 
     def rows(self, sel: NDArray[np.int64] | None = None) -> NDArray[np.int32]:
         return self.slot_rows[self.index if sel is None else self.index[sel]]
+
+
+def _bucket_of(query: NDArray[np.uint64], g: Group) -> int:
+    """The query's bucket number in group g's table (not offset by its base)."""
+    return (int(query[g.word]) >> g.shift) & ((1 << g.width) - 1)
 
 
 def _stable_order(key: NDArray[np.int64], width: int) -> NDArray[np.int32]:

@@ -341,11 +341,7 @@ def _walk(view: View, query: NDArray[np.uint64], k: int) -> Hits:
         lengths = entries & LEN_MASK
         if clean and int(lengths.sum()) >= k:
             sel = np.flatnonzero(lengths)
-            starts = (entries[sel] >> LEN_BITS).tolist()
-            sizes = lengths[sel].tolist()
-            rows = np.concatenate(
-                [rows_s[a : a + b] for a, b in zip(starts, sizes, strict=True)]
-            ).astype(np.int64)
+            rows = _bucket_rows(rows_s, entries, lengths, sel).astype(np.int64)
             return rows, np.repeat(pops[sel].astype(np.int32), lengths[sel])
     layout = tables.layout
     width = layout.groups[0].width
@@ -365,15 +361,7 @@ def _walk(view: View, query: NDArray[np.uint64], k: int) -> Hits:
         t = max(int(enough[0]) if enough.size else r, t_min)
         sub = plan.within(t)
         sel = sub[length[sub] > 0]
-        if sel.size <= 32:  # a few buckets: slices beat building an index
-            starts = (entry[sel] >> LEN_BITS).tolist()
-            sizes = length[sel].tolist()
-            rows = np.concatenate(
-                [rows_s[a : a + b] for a, b in zip(starts, sizes, strict=True)]
-                or [rows_s[:0]]
-            )
-        else:
-            rows = rows_s[concat_ranges(entry[sel] >> LEN_BITS, length[sel])]
+        rows = _bucket_rows(rows_s, entry, length, sel)
         d = np.repeat(plan.pops[sel], length[sel])
         dropped = False
         if tables.rows > view.rows:  # rows appended after this snapshot
@@ -395,6 +383,23 @@ def _walk(view: View, query: NDArray[np.uint64], k: int) -> Hits:
     kth = hamming.kth_smallest(d, k, width)
     sel = np.flatnonzero(d <= kth)
     return rows[sel], d[sel]
+
+
+def _bucket_rows(
+    rows_s: NDArray[np.int32],
+    entry: NDArray[np.int64],
+    length: NDArray[np.int64],
+    sel: NDArray[np.intp],
+) -> NDArray[np.int32]:
+    """The slot rows of buckets entry[sel] (non-empty), bucket by bucket."""
+    if sel.size <= 32:  # a few buckets: slices beat building an index
+        starts = (entry[sel] >> LEN_BITS).tolist()
+        sizes = length[sel].tolist()
+        return np.concatenate(
+            [rows_s[a : a + b] for a, b in zip(starts, sizes, strict=True)]
+            or [rows_s[:0]]
+        )
+    return rows_s[concat_ranges(entry[sel] >> LEN_BITS, length[sel])]
 
 
 # ------------------------------------------------------------------------ scans
