@@ -22,10 +22,18 @@ buffers (int64 rows, int32 distances) of the same capacity. They release the GIL
 - buckets(entries, len_bits, slot_codes, query, limit, index_out, dist_out) -> total
   multi-index hashing's verification: the slots of the given buckets within limit
   (same capacity rule as within).
+
+Two more loops serve the index's reload, where numpy needs many passes:
+- group_sort(codes, words, word, shift, width, counts_out, rows_out, slot_codes|None)
+  builds one group's hash table (a stable counting sort of the rows by bucket);
+- hash_items(data, offsets, seed, out) hashes ragged items for the id map;
+- idmap_insert(table, row_hashes, data, offsets, superseded_out) -> count
+  inserts rows 0..n-1 into an empty id map, the newest row of an id winning.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Compiled for the plain x86-64 baseline and for newer CPUs (popcnt, AVX2); the
@@ -293,10 +301,208 @@ static PyObject *nearest(PyObject *self, PyObject *args) {
     return Py_BuildValue("ni", held, limit);
 }
 
+/* Multi-index hashing's table build for one group of bits: a stable counting sort of
+   rows 0..n-1 by their bucket key = (codes[i][word] >> shift) & (2^width - 1).
+   counts gets each bucket's size, rows_out the rows in bucket order (ascending
+   within a bucket), slot_codes (may be NULL) the first code word of each. Two
+   sequential passes over the codes: numpy needs two radix argsorts and gathers. */
+static int sort_group(const uint64_t *codes, Py_ssize_t n, Py_ssize_t words,
+                      int word, int shift, int width, int64_t *counts,
+                      int32_t *rows_out, uint64_t *slot_codes) {
+    const Py_ssize_t buckets = (Py_ssize_t)1 << width;
+    const uint64_t mask = ((uint64_t)1 << width) - 1;
+    int64_t *next = malloc(sizeof(int64_t) * buckets);
+    if (next == NULL) return 0;
+    memset(counts, 0, sizeof(int64_t) * buckets);
+    for (Py_ssize_t i = 0; i < n; i++) counts[(codes[i * words + word] >> shift) & mask]++;
+    int64_t at = 0;
+    for (Py_ssize_t b = 0; b < buckets; b++) {
+        next[b] = at;
+        at += counts[b];
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint64_t code = codes[i * words + word];
+        const int64_t slot = next[(code >> shift) & mask]++;
+        rows_out[slot] = (int32_t)i;
+        if (slot_codes != NULL) slot_codes[slot] = codes[i * words];
+    }
+    free(next);
+    return 1;
+}
+
+static PyObject *group_sort(PyObject *self, PyObject *args) {
+    Py_buffer codes, counts, rows;
+    Py_buffer slots = {0};
+    PyObject *slots_obj;
+    Py_ssize_t words;
+    int word, shift, width, ok = 1;
+    if (!PyArg_ParseTuple(args, "y*niiiw*w*O", &codes, &words, &word, &shift, &width,
+                          &counts, &rows, &slots_obj))
+        return NULL;
+    const char *bad = NULL;
+    Py_ssize_t n = words > 0 ? codes.len / (8 * words) : 0;
+    if (words < 1 || words > 4 || codes.len % (8 * words))
+        bad = "codes must be 1 to 4 uint64 words per row";
+    else if (word < 0 || word >= words || width < 1 || width > 30 || shift < 0 ||
+             shift + width > 64)
+        bad = "the group must lie inside one code word, 1 to 30 bits wide";
+    else if (counts.len != 8 * ((Py_ssize_t)1 << width))
+        bad = "counts must hold one int64 per bucket";
+    else if (rows.len != 4 * n || n > INT32_MAX)
+        bad = "rows_out must hold one int32 per row (at most 2^31 rows)";
+    if (bad == NULL && slots_obj != Py_None) {
+        if (PyObject_GetBuffer(slots_obj, &slots, PyBUF_WRITABLE) < 0) {
+            slots.obj = NULL;
+            ok = 0;
+        } else if (slots.len != 8 * n)
+            bad = "slot_codes must hold one uint64 per row";
+    }
+    if (bad == NULL && ok) {
+        Py_BEGIN_ALLOW_THREADS
+        ok = sort_group((const uint64_t *)codes.buf, n, words, word, shift, width,
+                        (int64_t *)counts.buf, (int32_t *)rows.buf,
+                        slots.obj != NULL ? (uint64_t *)slots.buf : NULL);
+        Py_END_ALLOW_THREADS
+        if (!ok) PyErr_NoMemory();
+    }
+    if (bad != NULL) PyErr_SetString(PyExc_ValueError, bad);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&rows);
+    if (slots.obj != NULL) PyBuffer_Release(&slots);
+    if (bad != NULL || !ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* The id map's hash of every item data[offsets[i] : offsets[i + 1]], the function
+   copyfree_index.ragged.hash_items computes with numpy: splitmix64's finaliser over
+   seed ^ golden ^ length * M2, then over h ^ (word + golden) for each 8-byte
+   little-endian word of the item (the last one zero-padded). */
+#define M1 0xBF58476D1CE4E5B9ULL
+#define M2 0x94D049BB133111EBULL
+#define GOLDEN 0x9E3779B97F4A7C15ULL
+
+static inline uint64_t mix(uint64_t x) {
+    x ^= x >> 30;
+    x *= M1;
+    x ^= x >> 27;
+    x *= M2;
+    x ^= x >> 31;
+    return x;
+}
+
+static int hash_all(const uint8_t *data, Py_ssize_t size, const int64_t *offsets,
+                    Py_ssize_t n, uint64_t seed, uint64_t *out) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const int64_t start = offsets[i], end = offsets[i + 1];
+        if (start < 0 || end < start || end > size) return 0;
+        const int64_t length = end - start;
+        uint64_t h = mix((seed ^ GOLDEN) ^ ((uint64_t)length * M2));
+        for (int64_t at = start; at < end; at += 8) {
+            uint64_t w = 0;
+            const int64_t take = end - at < 8 ? end - at : 8;
+            memcpy(&w, data + at, (size_t)take); /* little-endian x86 */
+            h = mix(h ^ (w + GOLDEN));
+        }
+        out[i] = h;
+    }
+    return 1;
+}
+
+static PyObject *hash_items(PyObject *self, PyObject *args) {
+    Py_buffer data, offsets, out;
+    unsigned long long seed;
+    int ok = 0;
+    if (!PyArg_ParseTuple(args, "y*y*Kw*", &data, &offsets, &seed, &out)) return NULL;
+    Py_ssize_t n = offsets.len / 8 - 1;
+    if (offsets.len % 8 || n < 0 || out.len != 8 * n) {
+        PyErr_SetString(PyExc_ValueError, "need n + 1 int64 offsets and n uint64 outputs");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        ok = hash_all((const uint8_t *)data.buf, data.len, (const int64_t *)offsets.buf,
+                      n, (uint64_t)seed, (uint64_t *)out.buf);
+        Py_END_ALLOW_THREADS
+        if (!ok) PyErr_SetString(PyExc_ValueError, "an item lies outside the data");
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&out);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* The id map's bulk insert (copyfree_index.idmap): rows 0..n-1, whose ids are
+   data[offsets[r] : offsets[r + 1]] with hashes row_hashes[r], into an empty table of
+   int32 slots (-1 = empty; a power of two, more slots than rows) by linear probing.
+   A slot already holding the same id (equal hash, equal bytes) takes the newer row
+   and the older row goes to superseded_out. Returns how many rows were superseded,
+   -1 on an inconsistent input. */
+static Py_ssize_t insert_rows(int32_t *table, Py_ssize_t slots, const uint64_t *hashes,
+                              Py_ssize_t n, const uint8_t *data, Py_ssize_t size,
+                              const int64_t *offsets, int64_t *superseded) {
+    const uint64_t mask = (uint64_t)slots - 1;
+    Py_ssize_t dropped = 0;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        const int64_t start = offsets[r], length = offsets[r + 1] - start;
+        if (start < 0 || length < 0 || offsets[r + 1] > size) return -1;
+        uint64_t pos = hashes[r] & mask;
+        for (Py_ssize_t probes = 0;; probes++) {
+            if (probes == slots) return -1; /* full: the caller sized it wrong */
+            const int32_t occ = table[pos];
+            if (occ == -1) {
+                table[pos] = (int32_t)r;
+                break;
+            }
+            if (occ >= 0 && hashes[occ] == hashes[r] &&
+                offsets[occ + 1] - offsets[occ] == length &&
+                memcmp(data + offsets[occ], data + start, (size_t)length) == 0) {
+                superseded[dropped++] = occ;
+                table[pos] = (int32_t)r;
+                break;
+            }
+            pos = (pos + 1) & mask;
+        }
+    }
+    return dropped;
+}
+
+static PyObject *idmap_insert(PyObject *self, PyObject *args) {
+    Py_buffer table, hashes, data, offsets, superseded;
+    Py_ssize_t dropped = -1;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*w*", &table, &hashes, &data, &offsets,
+                          &superseded))
+        return NULL;
+    Py_ssize_t slots = table.len / 4, n = offsets.len / 8 - 1;
+    if (n < 0 || n > INT32_MAX || hashes.len < 8 * n || superseded.len < 8 * n ||
+        slots <= n || (slots & (slots - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "need n + 1 offsets, n hashes, room for n rows and a "
+                        "power-of-two table larger than n");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        dropped = insert_rows((int32_t *)table.buf, slots, (const uint64_t *)hashes.buf,
+                              n, (const uint8_t *)data.buf, data.len,
+                              (const int64_t *)offsets.buf, (int64_t *)superseded.buf);
+        Py_END_ALLOW_THREADS
+        if (dropped < 0)
+            PyErr_SetString(PyExc_ValueError, "an id lies outside the data or the table is full");
+    }
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&hashes);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&superseded);
+    if (dropped < 0) return NULL;
+    return PyLong_FromSsize_t(dropped);
+}
+
 static PyMethodDef methods[] = {
     {"within", within, METH_VARARGS, "Rows within a Hamming radius (see the module)."},
     {"nearest", nearest, METH_VARARGS, "Streaming k-nearest scan (see the module)."},
     {"buckets", buckets, METH_VARARGS, "Verify the slots of hash buckets (see above)."},
+    {"group_sort", group_sort, METH_VARARGS, "Counting sort of one bit group (see above)."},
+    {"hash_items", hash_items, METH_VARARGS, "Hash ragged items (see above)."},
+    {"idmap_insert", idmap_insert, METH_VARARGS, "Bulk insert into an id map (see above)."},
     {NULL, NULL, 0, NULL},
 };
 

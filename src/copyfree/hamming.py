@@ -22,6 +22,15 @@ except ImportError:  # pragma: no cover - depends on the build
 # Which scan within_radius and k_nearest run: "c" when the extension is built, else
 # "numpy". Tests set it to run both against brute force; benchmarks report it.
 SCAN_KERNEL = "c" if _scan is not None else "numpy"
+
+
+def native():  # noqa: ANN201 - the extension module, untyped
+    """copyfree._scan while the C kernels are in use (SCAN_KERNEL == "c"), else None:
+    callers of its other loops (the index's table build and id hashing) keep a numpy
+    path for None, so the same switch runs both in tests."""
+    return _scan if SCAN_KERNEL == "c" else None
+
+
 # First output capacity of a C scan; a larger answer costs a second pass.
 _FIRST_CAPACITY = 4096
 

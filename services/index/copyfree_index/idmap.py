@@ -17,6 +17,8 @@ from collections.abc import Callable
 import numpy as np
 from numpy.typing import NDArray
 
+from copyfree import hamming
+
 EMPTY = -1
 DELETED = -2  # a removed id: lookups probe past it; reclaimed when the table grows
 _MIN_SLOTS = 1024
@@ -42,6 +44,11 @@ class IdMap:
     @property
     def nbytes(self) -> int:
         return int(self._table.nbytes + self._hash.nbytes)
+
+    @property
+    def row_hash_array(self) -> NDArray[np.uint64]:
+        """The by-row hash array itself (a reload faults it in ahead of use)."""
+        return self._hash
 
     def row_hashes(self, rows: NDArray[np.int64]) -> NDArray[np.uint64]:
         return self._hash[rows]
@@ -128,6 +135,31 @@ class IdMap:
         if not superseded:
             return np.zeros(0, np.int64)
         return np.concatenate(superseded)
+
+    def load_log(
+        self,
+        hashes: NDArray[np.uint64],
+        data: NDArray[np.uint8],
+        offsets: NDArray[np.int64],
+        same: SameId,
+    ) -> NDArray[np.int64]:
+        """A reload's insert of rows 0..n-1 (ids data[offsets[r]:offsets[r + 1]])
+        into an empty map: upsert(hashes, rows 0..n-1, same), in one sequential C
+        pass when the kernels are built (~10x the vectorised rounds at 10M rows)."""
+        n = hashes.size
+        compiled = hamming.native()
+        if compiled is None or self._used or n == 0:
+            return self.upsert(hashes, np.arange(n, dtype=np.int64), same)
+        self._grow_rows(n)
+        self._hash[:n] = hashes
+        self._reserve(n)
+        superseded = np.empty(n, np.int64)
+        offsets = np.ascontiguousarray(offsets[: n + 1], np.int64)
+        dropped = compiled.idmap_insert(
+            self._table, self._hash, np.ascontiguousarray(data), offsets, superseded
+        )
+        self._used = self._live = n - dropped
+        return superseded[:dropped]
 
     def _keep_newest(
         self, slots: NDArray[np.int64], old: NDArray[np.int64], new: NDArray[np.int64]

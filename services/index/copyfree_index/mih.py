@@ -95,10 +95,15 @@ class Layout:
     def group_keys(self, words: NDArray[np.uint64]) -> NDArray[np.int64]:
         """(n, W) codes -> (n, m) bucket numbers (not offset by the bases)."""
         out = np.empty((words.shape[0], self.m), np.int64)
-        for i, g in enumerate(self.groups):
-            col = words[:, g.word] >> np.uint64(g.shift)
-            out[:, i] = col & np.uint64((1 << g.width) - 1)
+        for i in range(self.m):
+            out[:, i] = self.group_key(words, i)
         return out
+
+    def group_key(self, words: NDArray[np.uint64], i: int) -> NDArray[np.int64]:
+        """(n, W) codes -> (n,) bucket numbers in group i."""
+        g = self.groups[i]
+        col = words[:, g.word] >> np.uint64(g.shift)
+        return (col & np.uint64((1 << g.width) - 1)).astype(np.int64)
 
     def split(self, radius: int) -> tuple[int, ...]:
         """The tightest exact sub-radii: sum(r_i + 1) = radius + 1 (r_i = -1: group
@@ -259,13 +264,29 @@ class MultiIndex:
         the group's bucket numbers, tight buckets (no headroom, no garbage)."""
         n = words.shape[0]
         index = cls(layout, n * layout.m)
-        keys = layout.group_keys(words)
         rows_out, codes_out = index._slots
+        compiled = hamming.native()
         pos = 0
         for i, g in enumerate(layout.groups):
-            key = keys[:, i]
-            order = _stable_order(key, g.width)
-            counts = np.bincount(key, minlength=1 << g.width).astype(np.int64)
+            if compiled is not None:  # both passes in C, no temporaries
+                counts = np.empty(1 << g.width, np.int64)
+                compiled.group_sort(
+                    words,
+                    words.shape[1],
+                    g.word,
+                    g.shift,
+                    g.width,
+                    counts,
+                    rows_out[pos : pos + n],
+                    None if codes_out is None else codes_out[pos : pos + n],
+                )
+            else:
+                key = layout.group_key(words, i)
+                order = _stable_order(key, g.width)
+                counts = np.bincount(key, minlength=1 << g.width).astype(np.int64)
+                rows_out[pos : pos + n] = order
+                if codes_out is not None:
+                    codes_out[pos : pos + n] = words[order, 0]
             starts = np.empty_like(counts)
             starts[0] = 0
             np.cumsum(counts[:-1], out=starts[1:])
@@ -273,9 +294,6 @@ class MultiIndex:
             base = layout.bases[i]
             index._entries[base : base + counts.size] = starts << LEN_BITS | counts
             index._caps[base : base + counts.size] = counts
-            rows_out[pos : pos + n] = order
-            if codes_out is not None:
-                codes_out[pos : pos + n] = words[order, 0]
             pos += n
         index._used = pos
         index.rows = n

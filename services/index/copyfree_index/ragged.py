@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from copyfree import hamming
+
 _EMPTY_U8 = np.zeros(0, np.uint8)
 
 
@@ -164,6 +166,13 @@ def hash_items(items: Ragged, seed: int = 0) -> NDArray[np.uint64]:
     comparing the bytes. The seed is per process (the tables are rebuilt on load),
     so crafted colliding ids cannot be prepared offline."""
     n = len(items)
+    compiled = hamming.native()
+    if compiled is not None:  # one pass in C (~30x faster at 10M ids)
+        out = np.empty(n, np.uint64)
+        offsets = np.ascontiguousarray(items.offsets, np.int64)
+        data = np.ascontiguousarray(items.data[: items.nbytes])  # a view if it is
+        compiled.hash_items(data, offsets, seed & (2**64 - 1), out)
+        return out
     lengths = items.lengths()
     h = np.full(n, np.uint64(seed) ^ _GOLDEN, np.uint64)
     h ^= lengths.astype(np.uint64) * _M2

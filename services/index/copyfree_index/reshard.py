@@ -42,7 +42,6 @@ from copyfree_index.ragged import Ragged, hash_items
 from copyfree_index.shard import CollectionSpec, ItemBatch, ShardIndex
 from copyfree_index.store import (
     KEY_PREFIX,
-    LogReplay,
     RedisClient,
     collections_key,
     connect,
@@ -50,6 +49,7 @@ from copyfree_index.store import (
     meta_fields,
     meta_key,
     read_list,
+    replay_log,
     snapshot_segments,
     spec_from_meta,
 )
@@ -154,13 +154,11 @@ class Resharder:
         if not fields:
             return None
         spec = spec_from_meta(self.name, fields)
-        replay = LogReplay(spec)
-        for data in read_list(
-            self.client, log_key(self.prefix, self.name, shard) + suffix
-        ):
-            replay.add(data)
         memory = ShardIndex()
-        replay.into(memory)
+        segments = read_list(
+            self.client, log_key(self.prefix, self.name, shard) + suffix
+        )
+        replay_log(memory, spec, segments, int(fields.get("rows", 0)))
         return spec, memory.live_batch(self.name), fields
 
     def read_all(
@@ -302,7 +300,7 @@ class Resharder:
         segments = snapshot_segments(part)
         for i in range(0, len(segments), _PUSH_SEGMENTS):
             self.client.rpush(staged_log, *segments[i : i + _PUSH_SEGMENTS])
-        self.client.hset(staged_meta, mapping=meta_fields(spec, shards))  # type: ignore[arg-type]
+        self.client.hset(staged_meta, mapping=meta_fields(spec, shards, len(part)))  # type: ignore[arg-type]
 
 
 def _take(batch: ItemBatch, rows: NDArray[np.int64]) -> ItemBatch:

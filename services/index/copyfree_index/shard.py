@@ -28,9 +28,10 @@ copyfree_index.search from N, the radius and the table layout.
 from __future__ import annotations
 
 import enum
+import logging
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -39,7 +40,7 @@ from numpy.typing import NDArray
 
 from copyfree import codes
 from copyfree.errors import FailedPrecondition, InvalidInput, NotFound
-from copyfree_index import mih, search
+from copyfree_index import mih, prefault, search
 from copyfree_index.idmap import IdMap
 from copyfree_index.ragged import (
     EMPTY_METADATA,
@@ -56,6 +57,7 @@ __all__ = [
     "CollectionIndex",
     "CollectionKind",
     "CollectionSpec",
+    "Deletion",
     "DetectResult",
     "ItemBatch",
     "Metadata",
@@ -63,6 +65,8 @@ __all__ = [
     "ShardIndex",
     "SimilarResult",
 ]
+
+log = logging.getLogger(__name__)
 
 REGISTRY_CODE_BITS = codes.FIRST_KEY_BITS  # first keys: 64 bits
 REGISTRY_VECTOR_DIM = codes.EMBEDDING_DIM  # second keys: 64 int16
@@ -193,6 +197,19 @@ class ItemBatch:
             self.vectors[start:stop],
             self.metadata.slice(start, stop),
         )
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """The ids one delete removed (a log record, like an ItemBatch upsert)."""
+
+    ids: Ragged
+
+    def id_list(self) -> list[str]:
+        return self.ids.to_strings()
+
+
+Record = ItemBatch | Deletion
 
 
 class DetectHit(NamedTuple):  # a tuple: built by the hundred per query
@@ -588,11 +605,7 @@ class CollectionIndex:
             return 0
         start = self._n
         self._ensure_capacity(start + k)
-        self._words[start : start + k] = codes.to_words(batch.codes)
-        self._vectors[start : start + k] = batch.vectors
-        self._ids.append(start, batch.ids)
-        self._meta.append(start, batch.metadata)
-        self._alive[start : start + k] = True  # rows past n: in no snapshot yet
+        self._write_rows(start, batch)  # rows past n: in no snapshot yet
         hashes = hash_items(batch.ids, self._seed)
         rows = np.arange(start, start + k, dtype=np.int64)
         old = self._idmap.upsert(hashes, rows, self._same_ids)
@@ -647,52 +660,91 @@ class CollectionIndex:
         fresh._load_distinct(batch, hashes, self._seed)
         self._adopt(fresh)
 
-    def bulk_load(
-        self, upserts: Sequence[ItemBatch], deletes: Sequence[tuple[int, Ragged]]
-    ) -> None:
-        """Replay a whole log into an empty collection in a few vectorised passes.
-        `deletes` are (rows appended before the delete, ids), in log order."""
-        if self._n:
-            raise ValueError("bulk_load needs an empty collection")
-        for batch in upserts:
-            self._check_shapes(batch)
-        k = sum(len(b) for b in upserts)
-        fresh = CollectionIndex(self.spec, max(_INITIAL_CAPACITY, k))
-        fresh._seed = self._seed
-        fresh._put_rows(upserts)
+    @classmethod
+    def from_log(
+        cls, spec: CollectionSpec, records: Iterable[Record], rows_hint: int = 0
+    ) -> CollectionIndex:
+        """Replay a log into a new collection while it is read. Each upsert is
+        copied into arrays sized once from `rows_hint` (the store's count of upserted
+        rows; they grow if it falls short), so every record can be dropped as soon as
+        it is consumed: a reload peaks at the collection plus one reply, not at the
+        whole log held twice. Deletes apply afterwards, each to the rows upserted
+        before it; the id map and the hash tables are built in vectorised passes."""
+        coll = cls(spec, max(_INITIAL_CAPACITY, rows_hint))
+        faulting = coll._prefault()
+        deletes: list[tuple[int, Ragged]] = []
+        for record in records:
+            if isinstance(record, Deletion):
+                deletes.append((coll._n, record.ids))
+                continue
+            coll._check_shapes(record)
+            n, k = coll._n, len(record)
+            if n == 0 and 0 < k < rows_hint:
+                # size the id and metadata bytes once too, from the first batch
+                coll._ids.reserve(-(-record.ids.nbytes * rows_hint // k))
+                coll._meta.reserve(-(-record.metadata.nbytes * rows_hint // k))
+                faulting += prefault.in_background([coll._ids.data, coll._meta.data])
+            coll._ensure_capacity(n + k)
+            coll._write_rows(n, record)
+            coll._n = n + k
+        for thread in faulting:
+            thread.join()
+        if rows_hint and rows_hint != coll._n:
+            log.info(
+                "collection %r: the store counted %d upserted rows, its log holds %d",
+                spec.name,
+                rows_hint,
+                coll._n,
+            )
+        coll._index_log(deletes)
+        return coll
+
+    def _prefault(self) -> list[threading.Thread]:
+        return prefault.in_background(
+            [
+                self._words,
+                self._vectors,
+                self._alive,
+                self._ids.off,
+                self._meta.off,
+                self._idmap.row_hash_array,
+            ]
+        )
+
+    def _index_log(self, deletes: Sequence[tuple[int, Ragged]]) -> None:
+        """Id map, deletes and hash tables for rows written by from_log."""
+        k = self._n
         # The hash tables need only the codes: build them on the other core while
         # this thread builds the id map (numpy releases the GIL in both).
         layout = mih.choose_layout(self.spec.code_bits, k)
         built: list[mih.MultiIndex] = []
         builder = threading.Thread(
-            target=lambda: built.append(mih.MultiIndex.build(layout, fresh._words[:k]))
+            target=lambda: built.append(mih.MultiIndex.build(layout, self._words[:k]))
         )
         if layout is not None:
             builder.start()
         if k:
-            rows = np.arange(k, dtype=np.int64)
-            ids = fresh._ids.ragged(k)
-            old = fresh._idmap.upsert(
-                hash_items(ids, self._seed), rows, fresh._same_ids
+            ids = self._ids.ragged(k)
+            # rows are 0..k-1, so the insert's own indexes are rows too
+            old = self._idmap.load_log(
+                hash_items(ids, self._seed), ids.data, ids.offsets, self._rows_equal
             )
-            fresh._alive[old] = False
+            self._alive[old] = False
         for horizon, ids in deletes:
-            found, slots = fresh._idmap.lookup(
-                hash_items(ids, self._seed), fresh._same_as(ids)
+            found, slots = self._idmap.lookup(
+                hash_items(ids, self._seed), self._same_as(ids)
             )
             hit = (found >= 0) & (found < horizon)  # rows upserted before it
             if hit.any():
-                fresh._idmap.forget(slots[hit])
-                fresh._alive[found[hit]] = False
-        fresh._n = k
-        fresh._live = int(np.count_nonzero(fresh._alive[:k]))
+                self._idmap.forget(slots[hit])
+                self._alive[found[hit]] = False
+        self._live = int(np.count_nonzero(self._alive[:k]))
         if layout is not None:
             builder.join()
             if not built:
                 raise RuntimeError("building the hash tables failed (see the log)")
-            fresh._tables, fresh._built_rows = built[0], k
-        fresh._publish()
-        self._adopt(fresh)
+            self._tables, self._built_rows = built[0], k
+        self._publish()
 
     # --------------------------------------------------------------- helpers
 
@@ -737,29 +789,24 @@ class CollectionIndex:
 
         return same
 
-    def _put_rows(self, batches: Sequence[ItemBatch]) -> None:
-        """Write batches at rows 0.. of an empty collection, each straight into the
-        arrays (no id map, all alive)."""
-        k = sum(len(b) for b in batches)
-        self._ensure_capacity(k)
-        self._ids.reserve(sum(b.ids.nbytes for b in batches))
-        self._meta.reserve(sum(b.metadata.nbytes for b in batches))
-        row = 0
-        for batch in batches:
-            m = len(batch)
-            self._words[row : row + m] = codes.to_words(batch.codes)
-            self._vectors[row : row + m] = batch.vectors
-            self._ids.append(row, batch.ids)
-            self._meta.append(row, batch.metadata)
-            row += m
-        self._alive[:k] = True
+    def _write_rows(self, start: int, batch: ItemBatch) -> None:
+        """Copy a batch into rows start.. (capacity must be there) as live rows."""
+        k = len(batch)
+        self._words[start : start + k] = codes.to_words(batch.codes)
+        self._vectors[start : start + k] = batch.vectors
+        self._ids.append(start, batch.ids)
+        self._meta.append(start, batch.metadata)
+        self._alive[start : start + k] = True
 
     def _load_distinct(
         self, batch: ItemBatch, hashes: NDArray[np.uint64], seed: int
     ) -> None:
         k = len(batch)
         self._seed = seed
-        self._put_rows([batch])
+        self._ensure_capacity(k)
+        self._ids.reserve(batch.ids.nbytes)
+        self._meta.reserve(batch.metadata.nbytes)
+        self._write_rows(0, batch)
         self._idmap.bulk_load(hashes, np.arange(k, dtype=np.int64))
         self._n = self._live = k
         self._index_rows(0, k)
@@ -917,16 +964,13 @@ class ShardIndex:
             replaced = coll.upsert(batch)
         return len(batch), replaced
 
-    def bulk_load(
-        self,
-        spec: CollectionSpec,
-        upserts: Sequence[ItemBatch],
-        deletes: Sequence[tuple[int, Ragged]],
+    def load_log(
+        self, spec: CollectionSpec, records: Iterable[Record], rows_hint: int = 0
     ) -> None:
-        """Replace the collection's contents by a replayed log (store load)."""
+        """Replace the collection's contents by its replayed log (store load; see
+        CollectionIndex.from_log)."""
         self.check_upsert(spec)
-        coll = CollectionIndex(spec)
-        coll.bulk_load(upserts, deletes)
+        coll = CollectionIndex.from_log(spec, records, rows_hint)
         with self._lock:
             self._collections[spec.name] = coll
 

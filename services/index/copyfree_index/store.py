@@ -4,16 +4,19 @@ Redis layout (API version in the key; one hash tag per (collection, shard) so Re
 Cluster can spread collections and shards while each one's keys share a slot):
 
     copyfree:v1:{<collection>:<shard>}:meta   HASH  format, kind, model_name,
-                                                    model_version, code_bits, fine_dim
-                                                    [, shards]
+                                                    model_version, code_bits, fine_dim,
+                                                    rows [, shards]
     copyfree:v1:{<collection>:<shard>}:log    LIST  binary segments, oldest first
     copyfree:v1:collections:<shard>           SET   collection names of the shard
 
-One Upsert or Delete = one MULTI/EXEC (HSET meta + RPUSH one segment), done before the
-RPC is acknowledged. A restart reads every segment in order (LRANGE in ~32 MB
-chunks) and replays the whole log in a few vectorised passes (ShardIndex.bulk_load).
-Compaction replaces the log by snapshot segments of the live rows in one MULTI/EXEC
-(DEL + RPUSH), so a reader sees either the old log or the new one. `shards`, when
+One Upsert or Delete = one MULTI/EXEC (HSET meta + HINCRBY rows + RPUSH one segment),
+done before the RPC is acknowledged. `rows` counts the upserted rows in the log, so a
+restart sizes its arrays once: it reads every segment in order (LRANGE in ~32 MB
+chunks), copies each into those arrays and drops it, then builds the id map and the
+hash tables in a few passes (CollectionIndex.from_log); logs without `rows` load the
+same, growing the arrays. Compaction replaces the log by snapshot segments of the live
+rows in one MULTI/EXEC (DEL + RPUSH, rows reset), so a reader sees either the old log
+or the new one. `shards`, when
 present, is the shard count the data was partitioned for (written by the
 re-sharding command); a shard configured for another count refuses to load.
 
@@ -70,8 +73,10 @@ from copyfree_index.ragged import Metadata, Ragged
 from copyfree_index.shard import (
     CollectionKind,
     CollectionSpec,
+    Deletion,
     ItemBatch,
     ModelRef,
+    Record,
     ShardIndex,
 )
 
@@ -94,17 +99,6 @@ _KINDS = {v: k for k, v in _KIND_NAMES.items()}
 
 
 # ------------------------------------------------------------------------- segments
-
-
-@dataclass(frozen=True)
-class Deletion:
-    ids: Ragged
-
-    def id_list(self) -> list[str]:
-        return self.ids.to_strings()
-
-
-Record = ItemBatch | Deletion
 
 
 def encode_upsert(batch: ItemBatch) -> bytes:
@@ -263,7 +257,9 @@ def snapshot_segments(batch: ItemBatch) -> list[bytes]:
     ]
 
 
-def meta_fields(spec: CollectionSpec, shards: int | None = None) -> dict[str, str]:
+def meta_fields(
+    spec: CollectionSpec, shards: int | None = None, rows: int | None = None
+) -> dict[str, str]:
     fields = {
         "format": str(FORMAT_VERSION),
         "kind": _KIND_NAMES[spec.kind],
@@ -274,6 +270,8 @@ def meta_fields(spec: CollectionSpec, shards: int | None = None) -> dict[str, st
     }
     if shards is not None:
         fields["shards"] = str(shards)
+    if rows is not None:
+        fields["rows"] = str(rows)
     return fields
 
 
@@ -285,30 +283,6 @@ def spec_from_meta(name: str, fields: dict[str, str]) -> CollectionSpec:
         int(fields["code_bits"]),
         int(fields["fine_dim"]),
     )
-
-
-class LogReplay:
-    """Collects a collection's decoded log for ShardIndex.bulk_load: upserts in
-    order, and each delete with the number of rows upserted before it."""
-
-    def __init__(self, spec: CollectionSpec) -> None:
-        self.spec = spec
-        self.upserts: list[ItemBatch] = []
-        self.deletes: list[tuple[int, Ragged]] = []
-        self.rows = 0
-        self.segments = 0
-
-    def add(self, data: bytes) -> None:
-        record = decode_segment(data, self.spec)
-        if isinstance(record, Deletion):
-            self.deletes.append((self.rows, record.ids))
-        else:
-            self.upserts.append(record)
-            self.rows += len(record)
-        self.segments += 1
-
-    def into(self, shard: ShardIndex) -> None:
-        shard.bulk_load(self.spec, self.upserts, self.deletes)
 
 
 # ---------------------------------------------------------------------- the stores
@@ -344,12 +318,24 @@ class ShardStore(Protocol):
     def close(self) -> None: ...
 
 
-def _replay(shard: ShardIndex, spec: CollectionSpec, segments: Iterable[bytes]) -> int:
-    replay = LogReplay(spec)
-    for data in segments:
-        replay.add(data)
-    replay.into(shard)  # the collection exists even if emptied
-    return replay.segments
+def replay_log(
+    shard: ShardIndex,
+    spec: CollectionSpec,
+    segments: Iterable[bytes],
+    rows_hint: int = 0,
+) -> int:
+    """Load a collection's log into `shard` while it is read, segment by segment
+    (each is decoded, copied in and dropped). Returns the number of segments."""
+    count = 0
+
+    def records() -> Iterator[Record]:
+        nonlocal count
+        for data in segments:
+            count += 1
+            yield decode_segment(data, spec)
+
+    shard.load_log(spec, records(), rows_hint)  # the collection exists even if emptied
+    return count
 
 
 def _report(shard: ShardIndex, segments: int, started: float) -> LoadReport:
@@ -388,13 +374,13 @@ class InMemoryShardStore:
             raise Unavailable("in-memory store is set to fail")
 
     def append_upsert(self, spec: CollectionSpec, batch: ItemBatch) -> None:
-        self._write(spec, [encode_upsert(batch)] if len(batch) else [])
+        self._write(spec, [encode_upsert(batch)] if len(batch) else [], len(batch))
 
     def append_delete(self, spec: CollectionSpec, ids: Sequence[str]) -> None:
-        self._write(spec, [encode_delete(ids)] if ids else [])
+        self._write(spec, [encode_delete(ids)] if ids else [], 0)
 
     def compact(self, spec: CollectionSpec, live: ItemBatch) -> None:
-        self._write(spec, snapshot_segments(live), replace=True)
+        self._write(spec, snapshot_segments(live), len(live), replace=True)
 
     def load(self, shard: ShardIndex) -> LoadReport:
         started, segments = time.perf_counter(), 0
@@ -402,7 +388,10 @@ class InMemoryShardStore:
             logs = {name: list(self._logs.get(name, [])) for name in self._meta}
             metas = dict(self._meta)
         for name in sorted(metas):
-            segments += _replay(shard, spec_from_meta(name, metas[name]), logs[name])
+            fields = metas[name]
+            segments += replay_log(
+                shard, spec_from_meta(name, fields), logs[name], int(fields["rows"])
+            )
         return _report(shard, segments, started)
 
     def segment_count(self, name: str) -> int:
@@ -413,12 +402,18 @@ class InMemoryShardStore:
         pass
 
     def _write(
-        self, spec: CollectionSpec, segments: list[bytes], *, replace: bool = False
+        self,
+        spec: CollectionSpec,
+        segments: list[bytes],
+        rows: int,
+        *,
+        replace: bool = False,
     ) -> None:
         if self.fail_writes:
             raise Unavailable("in-memory store is set to fail")
         with self._lock:
-            self._meta[spec.name] = meta_fields(spec)
+            before = 0 if replace else int(self._meta.get(spec.name, {}).get("rows", 0))
+            self._meta[spec.name] = meta_fields(spec, rows=before + rows)
             log_ = self._logs.setdefault(spec.name, [])
             if replace:
                 log_.clear()
@@ -534,13 +529,13 @@ class RedisShardStore:
         }
 
     def append_upsert(self, spec: CollectionSpec, batch: ItemBatch) -> None:
-        self._write(spec, [encode_upsert(batch)] if len(batch) else [])
+        self._write(spec, [encode_upsert(batch)] if len(batch) else [], len(batch))
 
     def append_delete(self, spec: CollectionSpec, ids: Sequence[str]) -> None:
-        self._write(spec, [encode_delete(ids)] if ids else [])
+        self._write(spec, [encode_delete(ids)] if ids else [], 0)
 
     def compact(self, spec: CollectionSpec, live: ItemBatch) -> None:
-        self._write(spec, snapshot_segments(live), replace=True)
+        self._write(spec, snapshot_segments(live), len(live), replace=True)
 
     def segment_count(self, name: str) -> int:
         return int(self.client.llen(self.log_key(name)))
@@ -568,7 +563,10 @@ class RedisShardStore:
                 )
             _check_shards(name, fields, self._num_shards)
             spec = spec_from_meta(name, fields)
-            segments += _replay(shard, spec, self.read_log(name))
+            # rows: the upserted rows in the log, so the arrays are sized once
+            # (absent in logs written before it was kept: then they grow)
+            rows = int(fields.get("rows", 0))
+            segments += replay_log(shard, spec, self.read_log(name), rows)
             self._registered.add(name)
         return _report(shard, segments, started)
 
@@ -583,8 +581,14 @@ class RedisShardStore:
         return read_list(self.client, key or self.log_key(name))
 
     def _write(
-        self, spec: CollectionSpec, segments: list[bytes], *, replace: bool = False
+        self,
+        spec: CollectionSpec,
+        segments: list[bytes],
+        rows: int,
+        *,
+        replace: bool = False,
     ) -> None:
+        """One MULTI/EXEC: meta, the count of upserted rows, the segments."""
         try:
             client = self.client
             if spec.name not in self._registered:
@@ -593,9 +597,13 @@ class RedisShardStore:
                 self._registered.add(spec.name)
             pipe = client.pipeline(transaction=True)
             fields = meta_fields(spec, self._num_shards)
-            pipe.hset(self.meta_key(spec.name), mapping=fields)  # type: ignore[arg-type]
+            meta = self.meta_key(spec.name)
+            pipe.hset(meta, mapping=fields)  # type: ignore[arg-type]
             if replace:
+                pipe.hset(meta, "rows", rows)
                 pipe.delete(self.log_key(spec.name))
+            elif rows:
+                pipe.hincrby(meta, "rows", rows)
             if segments:
                 pipe.rpush(self.log_key(spec.name), *segments)
             pipe.execute()

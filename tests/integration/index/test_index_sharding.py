@@ -172,9 +172,14 @@ async def test_reshard_2_to_3_moves_everything_and_verifies(
     with pytest.raises(FailedPrecondition, match="partitioned for 3 shards"):
         stale.load(ShardIndex())
     stale.close()
-    # no staging keys or plan left behind
+    # no staging keys or plan left behind; each shard's row count (the reload's
+    # sizing hint) is its share
     client = redis_server.client()
     assert not [k for k in client.keys("*") if b"reshard" in k]
+    rows = [
+        int(client.hget(meta_key(KEY_PREFIX, "kolaa", s), "rows")) for s in range(3)
+    ]
+    assert rows == first["per_shard"]
     client.close()
 
 

@@ -189,6 +189,7 @@ def test_redis_layout_uses_one_hash_tag_per_collection_and_shard(
         b"model_version": b"1.0.0",
         b"code_bits": b"64",
         b"fine_dim": b"64",
+        b"rows": b"2",  # upserted rows in the log: sizes the arrays at reload
     }
     assert client.llen(f"{prefix}:{{works:1}}:log") == 2
     store.close()
@@ -215,3 +216,38 @@ def test_segment_round_trip_and_format_checks(rng: np.random.Generator) -> None:
         decode_segment(data[:-1], REGISTRY)
     with pytest.raises(ValueError, match="do not match"):
         decode_segment(data, FREE)
+
+
+@pytest.mark.parametrize("recorded", ["kept", "absent", "too_many"])
+def test_reload_sizes_arrays_from_the_row_count_and_survives_a_wrong_one(
+    recorded: str, redis_server: RedisProcess, rng: np.random.Generator
+) -> None:
+    """The meta hash counts the upserted rows of the log (appends add, compaction
+    resets) so a reload sizes its arrays once. Logs written before the count was kept
+    (absent) and a count that disagrees with the log still load exactly."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    store = RedisShardStore.from_url(redis_server.url, shard_id=0, key_prefix=prefix)
+    w = Writer(store)
+    for start in range(0, 3000, 1000):
+        ids = [f"w{i}" for i in range(start, start + 1000)]
+        w.upsert(REGISTRY, make_batch(REGISTRY, ids, rng))
+    w.upsert(REGISTRY, make_batch(REGISTRY, ["w5", "w6"], rng))  # replaces two
+    w.delete(REGISTRY, ["w7", "w8", "w9"])
+    meta = store.meta_key(REGISTRY.name)
+    client = redis_server.client()
+    assert client.hget(meta, "rows") == b"3002"
+    if recorded == "absent":
+        client.hdel(meta, "rows")
+    elif recorded == "too_many":
+        client.hset(meta, "rows", 50_000)
+    fresh = w.reloaded()
+    assert state(fresh) == state(w.shard)
+    assert fresh.stats()[0].items == 2997
+    if recorded == "kept":
+        assert fresh.collection(REGISTRY.name).capacity == 3002  # sized once
+    w.compact(REGISTRY)
+    assert client.hget(meta, "rows") == b"2997"  # the snapshot's rows
+    w.upsert(REGISTRY, make_batch(REGISTRY, ["late"], rng))
+    assert client.hget(meta, "rows") == b"2998"
+    assert state(w.reloaded()) == state(w.shard)
+    store.close()
