@@ -1191,8 +1191,8 @@ def render(
                 "",
                 f"Fresh memory: a new process writing memory it never had takes "
                 f"{r.page_in / r.nbytes * 1e9:.2f} s per GB on one thread on this "
-                "machine (a VM whose host backs guest memory on first touch; "
-                f"re-touching freed memory is ~20x cheaper), so the "
+                "machine in this run (it varies by run here, 0.13 to 2.3 s per GB: "
+                "the VM's host backs guest memory on first touch), so the "
                 f"{r.nbytes / 1e9:.2f} GB that {r.items:,} items occupy would cost "
                 f"{r.page_in:.2f} s of the reload's {r.seconds:.2f} s on one thread. "
                 "The reload copies each Redis reply into arrays sized once and drops "
