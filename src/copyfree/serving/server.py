@@ -42,6 +42,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+# gRPC servers bind with SO_REUSEPORT by default on Linux: a second copy of a service
+# started on a busy port binds it too and silently takes half of the connections. A
+# busy port must fail the start instead.
+_EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+
+
 class RunningServer:
     def __init__(
         self,
@@ -104,12 +110,34 @@ def make_interceptor(settings: ServiceSettings) -> ObservabilityInterceptor:
     )
 
 
+def _bind(
+    server: grpc.aio.Server,
+    address: str,
+    creds: grpc.ServerCredentials | None,
+    what: str = "",
+) -> int:
+    """Add the listening port; a port that cannot be bound fails with its name."""
+    try:
+        if creds is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, creds)
+    except RuntimeError as e:  # grpc raises this when bind() fails
+        raise RuntimeError(
+            f"could not bind {what}{address}: in use by another process, or not "
+            "permitted"
+        ) from e
+    if port == 0:
+        raise RuntimeError(f"could not bind {what}{address}")
+    return port
+
+
 async def start_server(
     settings: ServiceSettings, services: Sequence[Service]
 ) -> RunningServer:
     server = grpc.aio.server(
         interceptors=[make_interceptor(settings)],
-        options=channel_options(settings.max_message_bytes),
+        options=[*channel_options(settings.max_message_bytes), _EXCLUSIVE_PORT],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
     health_servicer = health.aio.HealthServicer()
@@ -121,24 +149,17 @@ async def start_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    address = f"{settings.host}:{settings.port}"
-    creds = server_credentials(settings)
-    if creds is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, creds)
-    if port == 0:
-        raise RuntimeError(f"could not bind {address}")
+    port = _bind(
+        server, f"{settings.host}:{settings.port}", server_credentials(settings)
+    )
     health_server, health_port = None, 0
     if settings.health_port:
         # Health only (same servicer, so both ports report the same status).
-        health_server = grpc.aio.server()
+        health_server = grpc.aio.server(options=[_EXCLUSIVE_PORT])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_port = health_server.add_insecure_port(
-            f"{settings.host}:{settings.health_port}"
+        health_port = _bind(
+            health_server, f"{settings.host}:{settings.health_port}", None, "health "
         )
-        if health_port == 0:
-            raise RuntimeError(f"could not bind health port {settings.health_port}")
         await health_server.start()
     await server.start()
     return RunningServer(
