@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Retrain and export the bundles shipped in models/ (the commands behind docs/models.md).
 # On 2 CPU cores: detection about 55 min + fine-tunes of 12, 7, 16 and 19 min + 2 min of
-# calibration, retrieval features about 6 min + training 5 min. The exact resolved
-# configuration of each shipped bundle is in its manifest.json ("training").
+# calibration, the lite0 alternative 65 min, retrieval features about 6 min + training
+# 5 min. The exact resolved configuration of each shipped bundle is in its
+# manifest.json ("training").
 set -euo pipefail
 images=${1:-../shared/datasets/dev}
 cf=.venv/bin/copyfree
@@ -29,6 +30,23 @@ $cf export detect --checkpoint artifacts/detect-cvae-con3/checkpoint.pt \
   --images "$images" --out models/detect-cvae
 .venv/bin/python -m copyfree_train.quick_eval_detect models/detect-cvae --limit 400
 $cf calibrate --images "$images" --bundle models/detect-cvae --target-fmr 0.01 --write
+
+# The EfficientNet-Lite0 variant compared in docs/models.md, not shipped (35, 11 and
+# 19 min): late stages first, then the whole backbone with look-alike groups in the
+# batches, then with 15 % grayscale views (docs/models.md, "Variants").
+lite="--model lite0 --contrastive 1 --invariance 0.05 --decorrelation 1 --batch-size 64 --threads 2"
+$cf train detect --images "$images" --out artifacts/detect-lite0 $lite \
+  --views suite --lr 0.0003 --epochs 12
+$cf train detect --images "$images" --out artifacts/detect-lite0-ft $lite \
+  --init-from artifacts/detect-lite0/checkpoint.pt --lite-train-from 0 \
+  --views suite --lr 0.0001 --epochs 3 --hard-negatives 0.25
+$cf train detect --images "$images" --out artifacts/detect-lite0-ft2 $lite \
+  --init-from artifacts/detect-lite0-ft/checkpoint.pt --lite-train-from 0 \
+  --views suite-colour --lr 0.0001 --epochs 5 --hard-negatives 0.25
+$cf export detect --checkpoint artifacts/detect-lite0-ft2/checkpoint.pt \
+  --images "$images" --out artifacts/bundles/detect-lite0
+$cf calibrate --images "$images" --bundle artifacts/bundles/detect-lite0 --target-fmr 0.01 \
+  --write
 
 # Retrieval: 16-bit TBH without the similarity loss, the better of the two on
 # validation at 16 bits (docs/models.md, "Retrieval").

@@ -57,12 +57,13 @@ def _train_configs() -> dict[str, tuple[type, Any]]:
 
 def cmd_train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="copyfree train")
-    sub = parser.add_subparsers(dest="model", required=True)
+    # Not dest="model": the detection config has a `model` field (cvae or lite0).
+    sub = parser.add_subparsers(dest="task", required=True)
     configs = _train_configs()
     for name, (cls, _) in configs.items():
         _add_dataclass_args(sub.add_parser(name, help=f"train the {name} model"), cls)
     ns = parser.parse_args(argv)
-    cls, fn = configs[ns.model]
+    cls, fn = configs[ns.task]
     result = fn(_config_from(cls, ns))
     print(f"checkpoint: {result}")
     return 0
@@ -71,7 +72,7 @@ def cmd_train(argv: list[str]) -> int:
 def cmd_export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="copyfree export")
     sub = parser.add_subparsers(dest="model", required=True)
-    d = sub.add_parser("detect", help="CVAE checkpoint -> detection bundle")
+    d = sub.add_parser("detect", help="detection checkpoint -> detection bundle")
     d.add_argument("--checkpoint", type=Path, required=True)
     d.add_argument(
         "--images", type=Path, required=True, help="images theta is taken over"
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: copyfree {" + ",".join(COMMANDS) + "} ...")
-        print("  train    train the detection CVAE or the retrieval TBH model")
+        print("  train    train a detection model (CVAE, lite0) or the retrieval TBH")
         print("  export   export a checkpoint to a model bundle (ONNX + manifest)")
         print(
             "  serve    run encoder, index shards, gateway (+ embedded Redis) locally"

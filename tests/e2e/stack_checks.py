@@ -96,7 +96,7 @@ def run_scenario(
         assert before["original"].verdict == gateway_pb2.VERDICT_REGISTERED
         assert before["original"].match.id == target.item_id
         assert before["original"].match.hamming == 0
-        assert before["jpeg"].verdict == gateway_pb2.VERDICT_REGISTERED
+        assert before["jpeg"].verdict == gateway_pb2.VERDICT_REGISTERED, before["jpeg"]
         assert before["jpeg"].match.id == target.item_id
         unv = before["unregistered"]
         assert unv.verdict == gateway_pb2.VERDICT_UNVERIFIED, unv.evidence

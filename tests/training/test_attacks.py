@@ -101,3 +101,13 @@ def test_training_views_are_deterministic(image: Image.Image) -> None:
         assert a[0].ndim == 3 and a[0].shape[2] == 3
     pool = A.training_attacks()
     assert pool and not any(a.group == "hybrid" for a in pool)
+
+
+def test_colour_views_are_grayscale_at_the_set_rate(image: Image.Image) -> None:
+    rng = np.random.default_rng(3)
+    gray = 0
+    for _ in range(200):
+        v = np.asarray(A.training_view_colour(image, rng)).astype(int)
+        gray += bool((v[..., 0] == v[..., 1]).all() and (v[..., 1] == v[..., 2]).all())
+    # 0.15 of views, give or take sampling (and the odd pool attack that is grayscale)
+    assert 0.08 < gray / 200 < 0.25

@@ -84,8 +84,8 @@ class _FixedEncoder(torch.nn.Module):
         super().__init__()
         self.register_buffer("mu", torch.from_numpy(mu))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mu[: x.shape[0]], torch.zeros_like(self.mu[: x.shape[0]])
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mu[: x.shape[0]]
 
 
 def test_key_head_matches_codes_on_edge_cases() -> None:
@@ -211,3 +211,102 @@ def test_fine_tune_starts_from_given_weights(trained: tuple[Path, Path]) -> None
     assert state["config"]["init_from"] == str(ckpt)
     for name in ("encoder.dense.0.weight", "encoder.mu.weight", "decoder.up.4.bias"):
         assert torch.equal(state["model"][name], base[name]), name
+
+
+def test_lite0_trains_only_its_late_stages_and_exports_the_same_key_contract(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from copyfree_train.lite_keys import PREPROCESS as LITE_PREPROCESS
+    from copyfree_train.lite_keys import TRAIN_FROM_BLOCK, LiteDetector
+
+    tmp, _ = trained
+    config = _config(
+        tmp, out=tmp_path / "lite", model="lite0", views="suite", contrastive=1.0
+    )
+    ckpt = train_detection(config)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+    pretrained = LiteDetector().state_dict()
+    frozen = f"encoder.backbone._blocks.{TRAIN_FROM_BLOCK - 1}."
+    trained_block = f"encoder.backbone._blocks.{TRAIN_FROM_BLOCK}."
+    for name, value in state.items():
+        if name.startswith(
+            ("encoder.backbone._conv_stem", "encoder.backbone._bn0")
+        ) or (name.startswith(frozen)):
+            # weights and BatchNorm statistics of the frozen stages stay ImageNet's
+            assert torch.equal(value, pretrained[name]), name
+    moved = [
+        n
+        for n in state
+        if n.startswith(trained_block) and n.endswith("weight")
+        and not torch.equal(state[n], pretrained[n])
+    ]  # fmt: skip
+    assert moved, "the late stages must train"
+
+    bundle = export_detection_bundle(ckpt, tmp / "images", tmp_path / "bundle")
+    manifest = read_manifest(bundle)
+    assert manifest.version.startswith("detect-lite0-")
+    assert manifest.preprocess == LITE_PREPROCESS and manifest.preprocess.channels == 3
+    assert manifest.extra["architecture"] == "lite0-128-mlp-64"
+    parity = manifest.extra["parity"]
+    assert parity["identical"]["first_key"]
+    # round(1000 x) of components near +-1: torch and ONNX Runtime may land on either
+    # side of a .5 now and then (export allows a difference of 1 there and counts it).
+    assert parity["rounding_ties"]["second_key"] <= parity["images"]
+    session = ort.InferenceSession(
+        str(bundle / MODEL_FILE), providers=["CPUExecutionProvider"]
+    )
+    paths = sorted((tmp / "images").iterdir())[:5]
+    x = np.stack([to_input(decode(p.read_bytes()), manifest.preprocess) for p in paths])
+    emb, k1, k2 = session.run(list(DETECTION_OUTPUTS), {INPUT_NAME: x})
+    theta = np.asarray(manifest.extra["theta"])
+    np.testing.assert_array_equal(k1, first_key(emb, theta))
+    np.testing.assert_array_equal(k2, second_key(emb))
+    # L2-normalised times 8: the int16 second key can never saturate.
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 8.0, rtol=1e-3)
+
+
+def test_batch_order_is_a_permutation_with_look_alike_groups_inside_batches() -> None:
+    from copyfree_train.train_detect import batch_order
+
+    groups = [[0, 1, 2], [10, 11], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
+    n, batch = 103, 16
+    order = batch_order(n, batch, groups, 0.5, np.random.default_rng(1))
+    assert sorted(order.tolist()) == list(range(n))
+    batches = [set(order[i : i + batch].tolist()) for i in range(0, n, batch)]
+    for g in groups[:2]:  # small groups are never split across batches
+        assert any(set(g) <= b for b in batches), g
+    # the big group is split into pieces of at most share * batch = 8
+    big = [len(b & set(groups[2])) for b in batches if b & set(groups[2])]
+    assert sum(big) == 11 and max(big) <= 8
+    again = batch_order(n, batch, groups, 0.5, np.random.default_rng(1))
+    np.testing.assert_array_equal(order, again)
+
+
+def test_cli_train_passes_the_model_choice_through(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from copyfree_cli.__main__ import cmd_train
+
+    tmp, _ = trained
+    out = tmp_path / "cli"
+    argv = ["detect", "--images", str(tmp / "images"), "--out", str(out)]
+    argv += ["--model", "lite0", "--epochs", "1", "--max-steps", "1"]
+    assert cmd_train([*argv, "--batch-size", "4", "--hard-negatives", "0.5"]) == 0
+    saved = json.loads((out / CONFIG_FILE).read_text())
+    assert (saved["model"], saved["hard_negatives"]) == ("lite0", 0.5)
+
+
+def test_lite0_can_unfreeze_the_whole_backbone() -> None:
+    from copyfree_train.lite_keys import LiteKeyEncoder
+
+    enc = LiteKeyEncoder(pretrained=False, train_from=0).train()
+    frozen = [n for n, p in enc.named_parameters() if not p.requires_grad]
+    assert all(n.startswith("backbone._fc.") for n in frozen), (
+        frozen
+    )  # unused classifier
+    assert enc.backbone._bn0.training  # its BatchNorm adapts too
+    default = LiteKeyEncoder(pretrained=False).train()
+    assert not default.backbone._bn0.training
+    assert not any(p.requires_grad for p in default.backbone._conv_stem.parameters())
+    with pytest.raises(ValueError, match="block number"):
+        LiteKeyEncoder(pretrained=False, train_from=99)

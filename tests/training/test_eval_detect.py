@@ -99,7 +99,7 @@ def test_same_picture_rule_drops_copies_but_keeps_recolours(tmp_path: Path) -> N
 
 def test_eval_detect_end_to_end(bundle: tuple[Path, Path], tmp_path: Path) -> None:
     images, bundle_dir = bundle
-    hashers = ("cvae", "phash", "pdq")
+    hashers = ("keys", "phash", "pdq")
     config = DetectEvalConfig(
         images=images,
         bundle=bundle_dir,
@@ -124,30 +124,30 @@ def test_eval_detect_end_to_end(bundle: tuple[Path, Path], tmp_path: Path) -> No
         assert (config.out / f).stat().st_size > 0
     assert (config.figures / "detect-det.png").is_file()
     s4 = result["seed004"]
-    assert {"cvae", "phash"} <= set(s4)
+    assert {"keys", "phash"} <= set(s4)
     for name, m in s4.items():
         assert m["families_averaged"] == 25, name
         assert m["fp_rate_at_tau"] <= 0.01
         assert 0.0 <= m["avg25_f1"] <= 1.0
         assert set(A.SEED004_FAMILIES) <= set(m["per_family"])
     ident = result["identification"]
-    assert {"cvae@bundle", "cvae@calibrated", "phash"} <= set(ident)
+    assert {"keys@bundle", "keys@calibrated", "phash"} <= set(ident)
     cal = result["calibration"]
     if cal["feasible"]:
-        assert ident["cvae@calibrated"]["false_match_calibration"] <= 0.1
+        assert ident["keys@calibrated"]["false_match_calibration"] <= 0.1
     assert (
-        ident["cvae@calibrated"]["detection"]["original"] == 1.0 or not cal["feasible"]
+        ident["keys@calibrated"]["detection"]["original"] == 1.0 or not cal["feasible"]
     )
     report = (config.out / "report.md").read_text()
     assert "avg F1 (25)" in report and "false match, test distractors" in report
     assert json.loads((config.out / "report.json").read_text())["bundle"]
     # a second run reads every code from the cache: the same arrays
-    cached = compute_codes(config, data, ["cvae", "phash"])
-    fresh = compute_codes(replace(config, cache_dir=tmp_path / "c2"), data, ["cvae"])
+    cached = compute_codes(config, data, ["keys", "phash"])
+    fresh = compute_codes(replace(config, cache_dir=tmp_path / "c2"), data, ["keys"])
     np.testing.assert_array_equal(
-        cached["cvae"]["first_key"], fresh["cvae"]["first_key"]
+        cached["keys"]["first_key"], fresh["keys"]["first_key"]
     )
-    assert list((tmp_path / "cache").glob("cvae-*.npz"))
+    assert list((tmp_path / "cache").glob("keys-*.npz"))
 
 
 def test_suite_views_with_contrastive_term_train(bundle: tuple[Path, Path]) -> None:

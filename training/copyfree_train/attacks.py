@@ -554,6 +554,18 @@ def training_view(
 
 
 _TRAINING_POOL = training_attacks()
+# A colour model sees grayscale in 1 of the pool's 149 weak views and then misses
+# 90 % of grayscale copies (lite0, 2026-12-06); the grayscale CVAE never notices.
+P_GRAY_COLOUR_MODEL = 0.15
+
+
+def training_view_colour(image: Image.Image, rng: Rng) -> Image.Image:
+    """training_view, then grayscale with probability P_GRAY_COLOUR_MODEL: for RGB
+    models, which must learn that a grayscale print of a work is still the work."""
+    view = training_view(image, rng)
+    if rng.random() < P_GRAY_COLOUR_MODEL:
+        view = view.convert("L").convert("RGB")
+    return view
 
 
 @dataclass(frozen=True)
@@ -616,4 +628,5 @@ def seed000_view(
 VIEWS: dict[str, Callable[[Image.Image, Rng], Image.Image]] = {
     "seed000": seed000_view,
     "suite": training_view,
+    "suite-colour": training_view_colour,
 }

@@ -382,9 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
-    config = eval_detect.config_from_args(args, hashers=("cvae",))
+    config = eval_detect.config_from_args(args, hashers=("keys",))
     data = eval_detect.prepare(config)
-    keys = eval_detect.cvae_keys(config, data)
+    keys = eval_detect.bundle_keys(config, data)
     registry, q, _ = eval_detect.calibration_queries(data, keys, config.bundle)
     cal, _ = calibrate(registry, q, args.target_fmr)
     result = {

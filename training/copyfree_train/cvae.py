@@ -65,6 +65,10 @@ class Encoder(nn.Module):
         h = self.dense(torch.flatten(self.features(x), 1))
         return self.mu(h), self.logvar(h)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The detection embedding: mu (every detection encoder has this method)."""
+        return self.forward(x)[0]
+
 
 class Decoder(nn.Module):
     """(n,64) -> (n,1,128,128) in (0,1)."""
@@ -149,14 +153,16 @@ def vae_loss(
 class DetectionKeyHead(nn.Module):
     """Encoder + key construction, the module exported to the detection bundle.
 
-    images (n,1,128,128) -> embedding (n,64) float32 = mu,
+    `encoder` is any module with `embed(images) -> (n,64)` (this CVAE's Encoder or
+    copyfree_train.lite_keys.LiteKeyEncoder); with mu = that embedding:
+    images -> embedding (n,64) float32 = mu,
     first_key (n,8) uint8 = bits (mu > theta) packed MSB-first,
     second_key (n,64) int16 = clamp(round(1000 mu)).
     Matches copyfree.codes.first_key/second_key bit for bit: the second key is computed
     in float64 like numpy does, so float32 rounding of 1000*mu cannot move a .5 tie.
     """
 
-    def __init__(self, encoder: Encoder, theta: np.ndarray | torch.Tensor) -> None:
+    def __init__(self, encoder: nn.Module, theta: np.ndarray | torch.Tensor) -> None:
         super().__init__()
         self.encoder = encoder
         theta_t = torch.as_tensor(np.asarray(theta, dtype=np.float32))
@@ -171,7 +177,7 @@ class DetectionKeyHead(nn.Module):
     def forward(
         self, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu, _ = self.encoder(images)
+        mu = self.encoder.embed(images)
         bits = (mu > self.theta).to(torch.float32)
         packed = (bits.view(-1, FIRST_KEY_BITS // 8, 8) * self.bit_weights).sum(-1)
         first = packed.to(torch.uint8)

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import csv
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,42 @@ def make_inputs(
     """Images -> (n, c, s, s) float32 through copyfree.preprocess (optionally augmented
     first, PIL -> PIL, so serving and training share the exact tensor conversion)."""
     return np.stack([to_input(augment(im) if augment else im, spec) for im in images])
+
+
+def read_siblings(
+    folder: Path, kinds: Collection[str] | None = None
+) -> list[tuple[str, str]]:
+    """Look-alike pairs (a, b) of the folder's near_duplicates.csv (columns a, b and
+    optionally kind), only those of `kinds` when given; none without the file."""
+    path = Path(folder) / "near_duplicates.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [
+            (r["a"], r["b"])
+            for r in csv.DictReader(f)
+            if kinds is None or r.get("kind") in kinds
+        ]
+
+
+def sibling_groups(
+    records: Sequence[ImageRecord], pairs: Sequence[tuple[str, str]]
+) -> list[list[int]]:
+    """Every record's group (positions into `records`): the connected components of
+    the pairs whose both ids are among the records; a record without pairs is alone."""
+    index = {r.item_id: i for i, r in enumerate(records)}
+    parent = list(range(len(records)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        if a in index and b in index:
+            parent[root(index[a])] = root(index[b])
+    groups: dict[int, list[int]] = {}
+    for i in range(len(records)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())

@@ -46,7 +46,6 @@ Metrics:
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import logging
@@ -76,14 +75,14 @@ from copyfree_train.calibrate import (
     calibrate,
     collect_picks,
 )
-from copyfree_train.data import ImageRecord, load_rgb
+from copyfree_train.data import ImageRecord, load_rgb, read_siblings, sibling_groups
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUNDLE = Path("models/detect-cvae")
 DEFAULT_OUT = Path("artifacts/detect/eval")
 DEFAULT_CACHE = Path("artifacts/detect/cache")
-HASHERS = ("cvae", "phash", "pdq", "deep")
+HASHERS = ("keys", "phash", "pdq", "deep")
 DISTRACTOR_EDITS = ("jpeg:75", "downup:0.5")
 DEEP_SEED = 20261122  # the fixed random projection of the deep baseline
 GROUP_ORDER = ("original", "weak", "hybrid", "practical")
@@ -152,14 +151,6 @@ class EvalData:
         return im
 
 
-def read_siblings(folder: Path) -> list[tuple[str, str]]:
-    path = Path(folder) / "near_duplicates.csv"
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [(r["a"], r["b"]) for r in csv.DictReader(f)]
-
-
 def split_heldout(
     held: Sequence[ImageRecord],
     siblings: Sequence[tuple[str, str]],
@@ -172,24 +163,10 @@ def split_heldout(
     first: one member registered, the others distractors (hard negatives). Then the
     remaining images, in a fixed random order, fill the registry up to n_registered.
     """
-    index = {r.item_id: i for i, r in enumerate(held)}
-    parent = list(range(len(held)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in siblings:
-        if a in index and b in index:
-            parent[root(index[a])] = root(index[b])
-    groups: dict[int, list[int]] = {}
-    for i in range(len(held)):
-        groups.setdefault(root(i), []).append(i)
+    groups = sibling_groups(held, siblings)
     rng = np.random.default_rng([seed, 6])
-    multi = [sorted(g) for g in groups.values() if len(g) > 1]
-    singles = [g[0] for g in groups.values() if len(g) == 1]
+    multi = [sorted(g) for g in groups if len(g) > 1]
+    singles = [g[0] for g in groups if len(g) == 1]
     with_sibling = sum(len(g) for g in multi)
     registered: list[int] = []
     distractors: list[int] = []
@@ -352,8 +329,8 @@ class Hasher:
         raise NotImplementedError
 
 
-class CvaeHasher(Hasher):
-    name = "cvae"
+class BundleHasher(Hasher):
+    name = "keys"
 
     def __init__(self, bundle: Path, threads: int) -> None:
         import onnxruntime as ort
@@ -366,7 +343,7 @@ class CvaeHasher(Hasher):
         )
 
     def ident(self) -> str:
-        return f"cvae|{self.manifest.version}"
+        return f"keys|{self.manifest.version}"
 
     def __call__(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         x = np.stack([to_input(im, self.manifest.preprocess) for im in images])
@@ -434,8 +411,8 @@ def pdq_available() -> bool:
 
 
 def make_hasher(name: str, config: DetectEvalConfig) -> Hasher:
-    if name == "cvae":
-        return CvaeHasher(config.bundle, config.threads)
+    if name == "keys":
+        return BundleHasher(config.bundle, config.threads)
     if name == "phash":
         return PHasher()
     if name == "pdq":
@@ -512,8 +489,8 @@ def compute_codes(
     return out
 
 
-def cvae_keys(config: DetectEvalConfig, data: EvalData) -> dict[str, np.ndarray]:
-    return compute_codes(config, data, ["cvae"])["cvae"]
+def bundle_keys(config: DetectEvalConfig, data: EvalData) -> dict[str, np.ndarray]:
+    return compute_codes(config, data, ["keys"])["keys"]
 
 
 # ----------------------------------------------------------------- distances
@@ -559,9 +536,9 @@ def build_codes(
     orig_row = original_rows(data)
     image_rows = np.array([orig_row[i] for i in range(len(data.records))])
     out: dict[str, Codes] = {}
-    if "cvae" in raw:
-        b = unpack_bits(raw["cvae"]["first_key"], 64)
-        out["cvae"] = Codes("cvae", 64, b, b[image_rows])
+    if "keys" in raw:
+        b = unpack_bits(raw["keys"]["first_key"], 64)
+        out["keys"] = Codes("keys", 64, b, b[image_rows])
     if "phash" in raw:
         b = unpack_bits(raw["phash"]["bits"], 64)
         out["phash"] = Codes("phash", 64, b, b[image_rows])
@@ -741,7 +718,7 @@ def nearest_identification(
     return summary, curve
 
 
-def cvae_identification(
+def keys_identification(
     data: EvalData, keys: dict[str, np.ndarray], bundle: Path, target_fmr: float
 ) -> tuple[
     dict[str, Any],
@@ -848,7 +825,7 @@ def evaluate(
     }
     for name, c in codes.items():
         result["seed004"][name] = seed004_metrics(data, c)
-        if name == "cvae":
+        if name == "keys":
             continue
         summary, curve = nearest_identification(data, c, config.target_fmr)
         result["identification"][name] = summary
@@ -856,15 +833,15 @@ def evaluate(
         result["operating_points"][name] = {
             t: nearest_identification(data, c, t)[0] for t in OPERATING_POINTS
         }
-    if "cvae" in raw:
-        at_bundle, at_cal, cal, front, points = cvae_identification(
-            data, raw["cvae"], config.bundle, config.target_fmr
+    if "keys" in raw:
+        at_bundle, at_cal, cal, front, points = keys_identification(
+            data, raw["keys"], config.bundle, config.target_fmr
         )
-        result["operating_points"]["cvae"] = points
-        result["identification"]["cvae@bundle"] = at_bundle
-        result["identification"]["cvae@calibrated"] = at_cal
+        result["operating_points"]["keys"] = points
+        result["identification"]["keys@bundle"] = at_bundle
+        result["identification"]["keys@calibrated"] = at_cal
         result["calibration"] = cal.to_dict()
-        result["curves"]["cvae (frontier, calib. distractors)"] = [
+        result["curves"]["keys (frontier, calib. distractors)"] = [
             (r["fmr"], r["detection"]) for r in front
         ]
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -936,8 +913,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "## Identification (1:N, registered originals vs distractors)",
         "",
-        "cvae: the real index Detect + gateway decision; baselines: nearest registered "
-        "code within a Hamming threshold. Calibrated = fitted on the calibration "
+        "keys (the bundle's detection keys): the real index Detect + gateway "
+        "decision; baselines: nearest registered code within a Hamming threshold. "
+        "Calibrated = fitted on the calibration "
         f"distractors to a false-match rate <= {r['config']['target_fmr']}; false "
         "matches below are measured on the *test* distractors. Detection = share of "
         "copies REGISTERED with the right id (%).",
@@ -967,8 +945,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "Detection per attack family (%, calibrated thresholds):",
         "",
-        "| family | " + " | ".join(n for n in inames if n != "cvae@bundle") + " |",
-        "|---|" + "---:|" * (len(inames) - ("cvae@bundle" in ident)),
+        "| family | " + " | ".join(n for n in inames if n != "keys@bundle") + " |",
+        "|---|" + "---:|" * (len(inames) - ("keys@bundle" in ident)),
     ]
     for fam in ident[inames[0]]["detection_per_family"]:
         lines.append(
@@ -976,7 +954,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             + " | ".join(
                 _pct(ident[n]["detection_per_family"].get(fam))
                 for n in inames
-                if n != "cvae@bundle"
+                if n != "keys@bundle"
             )
             + " |"
         )
@@ -1071,7 +1049,7 @@ def plot_det(
             ys,
             label=name,
             lw=1.5,
-            marker="." if "cvae" in name else None,
+            marker="." if "keys" in name else None,
         )
     b.axvline(r["config"]["target_fmr"], color="grey", ls=":", lw=1)
     b.set(
@@ -1092,7 +1070,7 @@ def plot_attacks(r: dict[str, Any], path: Path) -> None:
     s4 = r["seed004"]
     names = list(s4)
     fams = [f for f in A.SEED004_FAMILIES if f in next(iter(s4.values()))["per_family"]]
-    ident = {k: v for k, v in r["identification"].items() if k != "cvae@bundle"}
+    ident = {k: v for k, v in r["identification"].items() if k != "keys@bundle"}
     all_fams = list(next(iter(ident.values()))["detection_per_family"]) if ident else []
     fig, (a, b) = plt.subplots(2, 1, figsize=(max(12, 0.45 * len(all_fams)), 8))
     width = 0.8 / max(len(names), 1)

@@ -1,4 +1,4 @@
-"""Detection checkpoint -> model bundle (models/detect-cvae/: model.onnx +
+"""Detection checkpoint -> model bundle (e.g. models/detect-cvae/: model.onnx +
 manifest.json).
 
 Owns theta (the mean embedding over the registered training images, computed here
@@ -18,7 +18,8 @@ import torch
 
 from copyfree.bundle import DETECTION_OUTPUTS, Manifest, Thresholds
 from copyfree.codes import FIRST_KEY_BITS
-from copyfree_train.cvae import ARCHITECTURE, CVAE, PREPROCESS, DetectionKeyHead
+from copyfree.preprocess import PreprocessSpec, to_input
+from copyfree_train.cvae import DetectionKeyHead
 from copyfree_train.data import load_rgb
 from copyfree_train.onnx_export import (
     check_parity,
@@ -27,6 +28,7 @@ from copyfree_train.onnx_export import (
     write_bundle,
 )
 from copyfree_train.train_detect import (
+    DETECTORS,
     DetectTrainConfig,
     load_model,
     training_records,
@@ -34,20 +36,21 @@ from copyfree_train.train_detect import (
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "detect-cvae"
 PARITY_IMAGES = 16
 _BATCH = 64
 
 
-def embed(model: CVAE, inputs: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """(n,1,128,128) preprocessed inputs -> (n,64) float32 mu, in batches."""
+def embed(
+    model: torch.nn.Module, inputs: np.ndarray, threads: int | None = None
+) -> np.ndarray:
+    """Preprocessed inputs -> (n,64) float32 detection embeddings, in batches."""
     if threads:
         torch.set_num_threads(threads)
     model.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(inputs), _BATCH):
-            mu, _ = model.encoder(torch.from_numpy(inputs[i : i + _BATCH]))
+            mu = model.encoder.embed(torch.from_numpy(inputs[i : i + _BATCH]))
             out.append(mu.numpy())
     return np.concatenate(out) if out else np.zeros((0, 64), np.float32)
 
@@ -81,11 +84,16 @@ def export_detection_bundle(
         config = DetectTrainConfig.from_dict(
             {**config.to_dict(), "images": str(images_dir)}
         )
+    detector = DETECTORS[config.model]
+    spec = detector.preprocess
     train, held = training_records(config)
     train = train[:limit]
 
+    backbone = getattr(model.encoder, "backbone", None)
+    if backbone is not None:
+        backbone.fuse_for_export()  # so the fp16 rounding applies to what ONNX holds
     round_weights_to_fp16(model)  # theta and parity computed with the weights that ship
-    inputs = np.stack([_input(r.path) for r in train])
+    inputs = np.stack([_input(r.path, spec) for r in train])
     mu = embed(model, inputs)
     theta = mu.mean(axis=0).astype(np.float32)
     log.info("theta from %d training images", len(train))
@@ -95,7 +103,7 @@ def export_detection_bundle(
     example = torch.from_numpy(inputs[:2])
     onnx_model = export_onnx(head, example, DETECTION_OUTPUTS)
     # Parity on real images: held-out ones (never trained on) first, then training ones.
-    held_inputs = [_input(r.path) for r in held[: PARITY_IMAGES // 2]]
+    held_inputs = [_input(r.path, spec) for r in held[: PARITY_IMAGES // 2]]
     parity_inputs = inputs[:PARITY_IMAGES]
     if held_inputs:
         parity_inputs = np.concatenate(
@@ -108,17 +116,17 @@ def export_detection_bundle(
     bits = mu > theta
     date = dt.date.today().strftime("%Y%m%d")
     manifest = Manifest(
-        name=MODEL_NAME,
-        version=version or f"{MODEL_NAME}-{date}-{weights_hash(head)}",
+        name=detector.bundle_name,
+        version=version or f"{detector.bundle_name}-{date}-{weights_hash(head)}",
         kind="detection",
-        preprocess=PREPROCESS,
+        preprocess=spec,
         code_bits=FIRST_KEY_BITS,
         thresholds=Thresholds(),
         extra={
             # float32 values written as exact decimals, so a reader comparing a float32
             # embedding with them gets the same bits as the graph.
             "theta": [float(v) for v in theta],
-            "architecture": ARCHITECTURE,
+            "architecture": detector.architecture,
             "training": {
                 "images": summary["images"],
                 "held_out": summary["held_out"],
@@ -151,10 +159,8 @@ def _base_run(config: DetectTrainConfig) -> dict[str, object]:
     return {"initialised_from": {k: s[k] for k in keys}}
 
 
-def _input(path: Path) -> np.ndarray:
-    from copyfree.preprocess import to_input
-
-    return to_input(load_rgb(path), PREPROCESS)
+def _input(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    return to_input(load_rgb(path), spec)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
-"""Trainer for the detection CVAE: config, data split, training loop with resumable
-checkpoints, loss log (CSV) and loss curve (PNG).
+"""Trainer for the detection models (the CVAE, or `--model lite0`: the fine-tuned
+EfficientNet-Lite0 of copyfree_train.lite_keys): config, data split, training loop with
+resumable checkpoints, loss log (CSV) and loss curve (PNG).
 
 Each step sees every image twice: as the original and as an augmented copy
 (copyfree_train.attacks: `--views seed000`, the seed-000 policy the shipped runs used,
@@ -24,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,45 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from copyfree import preprocess
+from copyfree_train import cvae, lite_keys
 from copyfree_train.attacks import VIEWS
-from copyfree_train.cvae import ARCHITECTURE, CVAE, PREPROCESS, vae_loss
 from copyfree_train.data import (
     ImageCache,
     ImageRecord,
     make_inputs,
+    read_siblings,
     scan_folder,
+    sibling_groups,
     split_records,
 )
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One selectable detection model: how to build it and what input it takes."""
+
+    architecture: str  # recorded in checkpoints and bundles
+    # config -> module with .encoder (which has .embed) and .decoder (None: none)
+    build: Callable[[DetectTrainConfig], torch.nn.Module]
+    preprocess: preprocess.PreprocessSpec
+    bundle_name: str
+
+
+# "cvae" is the paper-faithful model of seeds 000/001; "lite0" the fine-tuned
+# EfficientNet-Lite0 (no decoder: trained by the invariance, decorrelation and
+# contrastive terms alone).
+DETECTORS = {
+    "cvae": Detector(
+        cvae.ARCHITECTURE, lambda _: cvae.CVAE(), cvae.PREPROCESS, "detect-cvae"
+    ),
+    "lite0": Detector(
+        lite_keys.ARCHITECTURE,
+        lambda config: lite_keys.LiteDetector(train_from=config.lite_train_from),
+        lite_keys.PREPROCESS,
+        "detect-lite0",
+    ),
+}
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +97,9 @@ class DetectTrainConfig:
     images: Path
     out: Path
     epochs: int = 20
+    model: str = "cvae"  # a DETECTORS key
+    # lite0 only: the first backbone block that trains (0 = all of it, stem included).
+    lite_train_from: int = lite_keys.TRAIN_FROM_BLOCK
     batch_size: int = 64
     lr: float = 1e-3
     lr_min: float = 1e-5  # cosine decay floor
@@ -84,6 +118,10 @@ class DetectTrainConfig:
     # metric); 0 = off.
     contrastive: float = 0.0
     temperature: float = 0.1
+    # Share of each batch filled with whole look-alike groups (the "variant" pairs of
+    # the folder's near_duplicates.csv: recolours, one deck's cards), so that the
+    # contrastive term has siblings to push apart; 0 = plain shuffled batches.
+    hard_negatives: float = 0.0
     threads: int = 2
     holdout: float = 0.2  # fraction never trained on (evaluation)
     split_seed: int = 20261122
@@ -131,13 +169,48 @@ def inputs_for(
     images: Sequence[Image.Image],
     rng: np.random.Generator | None,
     views: str = "seed000",
+    spec: preprocess.PreprocessSpec = cvae.PREPROCESS,
 ) -> np.ndarray:
     """The model input of each image, augmented when rng is given (same conversion as
     serving: copyfree.preprocess.to_input via make_inputs)."""
     if rng is None:
-        return make_inputs(images, PREPROCESS)
+        return make_inputs(images, spec)
     view = VIEWS[views]
-    return make_inputs(images, PREPROCESS, augment=lambda im: view(im, rng))
+    return make_inputs(images, spec, augment=lambda im: view(im, rng))
+
+
+def batch_order(
+    n: int,
+    batch: int,
+    groups: Sequence[Sequence[int]],
+    share: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A permutation of range(n) whose consecutive `batch`-long slices each start
+    with whole groups (up to share * batch images), then single images, all shuffled.
+    Groups larger than that share are split; once one kind runs out the other fills."""
+    per_batch = max(2, int(round(share * batch)))
+    pieces = []
+    for gi in rng.permutation(len(groups)):
+        g = rng.permutation(np.asarray(groups[int(gi)]))
+        pieces += [g[i : i + per_batch] for i in range(0, len(g), per_batch)]
+    in_group = np.zeros(n, bool)
+    for g in groups:
+        in_group[np.asarray(g, dtype=np.int64)] = True
+    singles = list(rng.permutation(np.flatnonzero(~in_group)))
+    out: list[int] = []
+    while pieces or singles:
+        chunk: list[int] = []
+        while pieces and len(chunk) + len(pieces[-1]) <= per_batch:
+            chunk += pieces.pop().tolist()
+        while singles and len(chunk) < batch:
+            chunk.append(int(singles.pop()))
+        while pieces and len(chunk) < batch:  # no singles left
+            chunk += pieces.pop().tolist()
+        out += chunk[:batch]
+        if len(chunk) > batch:  # a group split at the batch end starts the next
+            pieces.append(np.asarray(chunk[batch:]))
+    return np.asarray(out, dtype=np.int64)
 
 
 def invariance_loss(mu_copy: torch.Tensor, mu_orig: torch.Tensor) -> torch.Tensor:
@@ -202,15 +275,26 @@ def train_detection(config: DetectTrainConfig) -> Path:
     holdout_ids.txt."""
     if config.views not in VIEWS:
         raise ValueError(f"views must be one of {sorted(VIEWS)}, got {config.views!r}")
+    if config.model not in DETECTORS:
+        raise ValueError(
+            f"model must be one of {sorted(DETECTORS)}, got {config.model!r}"
+        )
+    if not 0.0 <= config.hard_negatives <= 1.0:
+        raise ValueError(
+            f"hard_negatives is a share of the batch in [0, 1], got "
+            f"{config.hard_negatives}"
+        )
+    detector = DETECTORS[config.model]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     ckpt_path = out / CHECKPOINT_FILE
 
     torch.manual_seed(config.seed)
-    model = CVAE()
+    model = detector.build(config)
     # fused: one kernel over all 35M parameters, several times faster on CPU
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, fused=True)
     start_epoch, step, seconds = 0, 0, 0.0
     history: list[dict[str, float]] = []
     if config.init_from is not None and not ckpt_path.is_file():
@@ -241,12 +325,27 @@ def train_detection(config: DetectTrainConfig) -> Path:
     if config.max_steps is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps)
     total_steps = config.epochs * steps_per_epoch
+    groups = [
+        g
+        for g in sibling_groups(train, read_siblings(config.images, {"variant"}))
+        if len(g) > 1
+    ]
+    if config.hard_negatives > 0:
+        log.info(
+            "hard negatives: %d look-alike groups (%d images) in the batches",
+            len(groups),
+            sum(map(len, groups)),
+        )
 
     for epoch in range(start_epoch, config.epochs):
         # Per-epoch seeds: a resumed run replays exactly what an unbroken one would.
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100_003 + epoch)
-        order = rng.permutation(n)
+        order = (
+            batch_order(n, batch, groups, config.hard_negatives, rng)
+            if config.hard_negatives > 0
+            else rng.permutation(n)
+        )
         model.train()
         started = time.perf_counter()
         bar = tqdm(
@@ -261,7 +360,12 @@ def train_detection(config: DetectTrainConfig) -> Path:
                 group["lr"] = lr
             images = [cache[int(j)] for j in order[i * batch : (i + 1) * batch]]
             row = _train_step(
-                model, optimizer, images, rng if config.augment else None, config
+                model,
+                optimizer,
+                images,
+                rng if config.augment else None,
+                config,
+                detector.preprocess,
             )
             step += 1
             row.update(epoch=epoch + 1, step=step, lr=lr)
@@ -280,7 +384,7 @@ def train_detection(config: DetectTrainConfig) -> Path:
             ", ".join(f"{k} {v:.3f}" for k, v in means.items()),
         )
         summary = {
-            "architecture": ARCHITECTURE,
+            "architecture": detector.architecture,
             "images": n,
             "held_out": len(held),
             "epochs": epoch + 1,
@@ -307,27 +411,41 @@ def train_detection(config: DetectTrainConfig) -> Path:
 
 
 def _train_step(
-    model: CVAE,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     images: Sequence[Image.Image],
     rng: np.random.Generator | None,
     config: DetectTrainConfig,
+    spec: preprocess.PreprocessSpec,
 ) -> dict[str, float]:
-    x_orig = torch.from_numpy(inputs_for(images, None))
+    x_orig = torch.from_numpy(inputs_for(images, None, spec=spec))
     x_copy = (
-        torch.from_numpy(inputs_for(images, rng, config.views))
+        torch.from_numpy(inputs_for(images, rng, config.views, spec))
         if rng is not None
         else x_orig
     )
     k = len(images)
     # One encoder pass over both views: BatchNorm sees one batch statistic for both.
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-        mu, logvar = model.encoder(torch.cat([x_copy, x_orig]))
-        z = model.reparameterise(mu, logvar)
-        logits = model.decoder.logits(z)
+        if model.decoder is None:
+            mu = model.encoder.embed(torch.cat([x_copy, x_orig]))
+        else:
+            mu, logvar = model.encoder(torch.cat([x_copy, x_orig]))
+            z = model.reparameterise(mu, logvar)
+            logits = model.decoder.logits(z)
     # Losses in float32: sums over 16384 pixels lose too much in bfloat16.
-    mu, logvar, logits = mu.float(), logvar.float(), logits.float()
-    parts = vae_loss(logits, torch.cat([x_orig, x_orig]), mu, logvar, config.beta)
+    mu = mu.float()
+    if model.decoder is None:
+        zero = torch.zeros(())
+        parts = cvae.LossParts(zero, zero, zero)
+    else:
+        parts = cvae.vae_loss(
+            logits.float(),
+            torch.cat([x_orig, x_orig]),
+            mu,
+            logvar.float(),
+            config.beta,
+        )
     inv = (
         invariance_loss(mu[:k], mu[k:])
         if config.invariance > 0 and rng is not None
@@ -360,7 +478,7 @@ def _train_step(
 
 def _save_checkpoint(
     path: Path,
-    model: CVAE,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     epoch: int,
     step: int,
@@ -380,19 +498,21 @@ def _save_checkpoint(
             "history": history,
             "config": config.to_dict(),
             "summary": summary,
-            "architecture": ARCHITECTURE,
+            "architecture": DETECTORS[config.model].architecture,
         },
         tmp,
     )
     tmp.replace(path)  # atomic: an interrupted save never leaves a broken checkpoint
 
 
-def load_model(checkpoint: Path) -> tuple[CVAE, dict[str, Any]]:
-    """CVAE in eval mode + the checkpoint's summary."""
+def load_model(checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained detector in eval mode + the checkpoint's summary."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if state.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{checkpoint} is not a {ARCHITECTURE} checkpoint")
-    model = CVAE()
+    config = DetectTrainConfig.from_dict(state["config"])
+    detector = DETECTORS[config.model]
+    if state.get("architecture") != detector.architecture:
+        raise ValueError(f"{checkpoint} is not a {detector.architecture} checkpoint")
+    model = detector.build(config)
     model.load_state_dict(state["model"])
     model.eval()
     return model, dict(state["summary"])
@@ -457,7 +577,7 @@ def plot_losses(
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(description="Train the detection CVAE.")
+    p = argparse.ArgumentParser(description="Train a detection model.")
     p.add_argument("images", type=Path)
     p.add_argument("out", type=Path)
     defaults = DetectTrainConfig(images=Path("."), out=Path("."))
