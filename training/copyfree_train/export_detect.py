@@ -89,9 +89,7 @@ def export_detection_bundle(
     train, held = training_records(config)
     train = train[:limit]
 
-    backbone = getattr(model.encoder, "backbone", None)
-    if backbone is not None:
-        backbone.fuse_for_export()  # so the fp16 rounding applies to what ONNX holds
+    model.encoder.fuse_for_export()  # so the fp16 rounding applies to what ONNX holds
     round_weights_to_fp16(model)  # theta and parity computed with the weights that ship
     inputs = np.stack([_input(r.path, spec) for r in train])
     mu = embed(model, inputs)

@@ -95,8 +95,8 @@ class LiteKeyEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(images)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    def fuse_for_export(self) -> None:
+        self.backbone.fuse_for_export()
 
 
 class LiteDetector(nn.Module):

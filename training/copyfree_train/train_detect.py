@@ -325,12 +325,10 @@ def train_detection(config: DetectTrainConfig) -> Path:
     if config.max_steps is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps)
     total_steps = config.epochs * steps_per_epoch
-    groups = [
-        g
-        for g in sibling_groups(train, read_siblings(config.images, {"variant"}))
-        if len(g) > 1
-    ]
+    groups: list[list[int]] = []
     if config.hard_negatives > 0:
+        pairs = read_siblings(config.images, {"variant"})
+        groups = [g for g in sibling_groups(train, pairs) if len(g) > 1]
         log.info(
             "hard negatives: %d look-alike groups (%d images) in the batches",
             len(groups),
@@ -365,7 +363,6 @@ def train_detection(config: DetectTrainConfig) -> Path:
                 images,
                 rng if config.augment else None,
                 config,
-                detector.preprocess,
             )
             step += 1
             row.update(epoch=epoch + 1, step=step, lr=lr)
@@ -416,8 +413,8 @@ def _train_step(
     images: Sequence[Image.Image],
     rng: np.random.Generator | None,
     config: DetectTrainConfig,
-    spec: preprocess.PreprocessSpec,
 ) -> dict[str, float]:
+    spec = DETECTORS[config.model].preprocess
     x_orig = torch.from_numpy(inputs_for(images, None, spec=spec))
     x_copy = (
         torch.from_numpy(inputs_for(images, rng, config.views, spec))
