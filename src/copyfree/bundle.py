@@ -34,13 +34,18 @@ class Thresholds:
     fallback_k: int = 16
     # False = the paper rule: a unique stage-1 candidate is the answer without T2.
     require_second_key: bool = False
+    # Search again with the image's uniform border trimmed when the image as is matches
+    # nothing. Off until a calibration that measured it turns it on.
+    trimmed_view: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest's "thresholds"; the keys are common.proto Thresholds fields."""
         return {
             "max_hamming": self.max_hamming,
             "min_cosine": self.min_cosine,
             "fallback_k": self.fallback_k,
             "require_second_key": self.require_second_key,
+            "trimmed_view": self.trimmed_view,
         }
 
 
@@ -100,6 +105,7 @@ class Manifest:
                 min_cosine=float(t.get("min_cosine", 0.9)),
                 fallback_k=int(t.get("fallback_k", 16)),
                 require_second_key=bool(t.get("require_second_key", False)),
+                trimmed_view=bool(t.get("trimmed_view", False)),
             ),
             extra={k: v for k, v in d.items() if k not in known},
         )

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from copyfree.errors import InvalidInput
 
@@ -131,6 +131,69 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode != "RGB":
         return image.convert("RGB")
     return image
+
+
+# Border trimming: a line (row or column) belongs to a uniform border when at least
+# BORDER_LINE_SHARE of its pixels are within BORDER_FUZZ grey levels (every channel) of
+# the colour of the outermost line on that side, as they are or after a 3x3 median
+# (the median forgives JPEG ringing and noise; the raw pixels keep the edge exact).
+# Judged on a copy at most BORDER_PROBE pixels on its longer side.
+BORDER_PROBE = 256
+BORDER_FUZZ = 24
+BORDER_LINE_SHARE = 0.98
+BORDER_MAX_SIDE = 0.45  # never trim more than this share of the image from one side
+BORDER_MIN_SIDE = 8  # pixels left on each axis, or the image is left as it is
+
+
+def _uniform_lines(lines: NDArray[np.int16], smooth: NDArray[np.int16]) -> int | None:
+    """How many of `lines` (outermost first, each (n, 3); `smooth` the same after the
+    median) form a uniform border, at most BORDER_MAX_SIDE of them; None when every
+    line is uniform (a flat image is all background, not a border)."""
+    background = np.median(lines[0], axis=0)
+    close = (np.abs(lines - background).max(axis=2) <= BORDER_FUZZ) | (
+        np.abs(smooth - background).max(axis=2) <= BORDER_FUZZ
+    )
+    close = close.mean(axis=1)
+    not_border = np.flatnonzero(close < BORDER_LINE_SHARE)
+    if not not_border.size:
+        return None
+    return min(int(not_border[0]), int(BORDER_MAX_SIDE * len(lines)))
+
+
+def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
+    """The (left, top, right, bottom) box inside a uniform border (a frame, slide
+    margin, letterbox, screenshot background), or None when there is none to trim.
+
+    Each side has its own background colour (the median of its outermost line); top
+    and bottom are found first, left and right on the rows between them."""
+    width, height = image.size
+    probe = image.convert("RGB")
+    probe.thumbnail((BORDER_PROBE, BORDER_PROBE), Image.Resampling.BILINEAR)
+    a = np.asarray(probe, dtype=np.int16)
+    m = np.asarray(probe.filter(ImageFilter.MedianFilter(3)), dtype=np.int16)
+    top, bottom = _uniform_lines(a, m), _uniform_lines(a[::-1], m[::-1])
+    if top is None or bottom is None:
+        return None
+    a, m = (x[top : x.shape[0] - bottom].transpose(1, 0, 2) for x in (a, m))
+    left, right = _uniform_lines(a, m), _uniform_lines(a[::-1], m[::-1])
+    if left is None or right is None or top == bottom == left == right == 0:
+        return None
+    sx, sy = width / probe.width, height / probe.height
+    box = (
+        round(left * sx),
+        round(top * sy),
+        width - round(right * sx),
+        height - round(bottom * sy),
+    )
+    if box[2] - box[0] < BORDER_MIN_SIDE or box[3] - box[1] < BORDER_MIN_SIDE:
+        return None
+    return box
+
+
+def trim_border(image: Image.Image) -> Image.Image | None:
+    """The image without its uniform border (see border_box); None when it has none."""
+    box = border_box(image)
+    return None if box is None else image.crop(box)
 
 
 def to_input(image: Image.Image, spec: PreprocessSpec) -> NDArray[np.float32]:

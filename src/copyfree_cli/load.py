@@ -47,6 +47,7 @@ CALLS = ("check", "recommend", "encode", "detect", "similar", "direct-check")
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 DETECTION = encoder_pb2.ENCODE_OUTPUT_DETECTION
+DETECTION_TRIMMED = encoder_pb2.ENCODE_OUTPUT_DETECTION_TRIMMED
 RETRIEVAL = encoder_pb2.ENCODE_OUTPUT_RETRIEVAL
 
 
@@ -319,27 +320,49 @@ class Client:
         enc: encoder_pb2_grpc.EncoderServiceStub,
         shards: list[index_pb2_grpc.IndexServiceStub],
     ) -> Call:
-        from copyfree_gateway.decision import decide, merge_similar
+        from copyfree_gateway.decision import (
+            Decision,
+            decide,
+            merge_similar,
+            with_trimmed_view,
+        )
 
         kw, t, n = self._kw(), self.target, len(self.images)
 
-        async def direct_check(i: int) -> None:
-            image = self.images[i % n]
-            e = (
-                await enc.Encode(
-                    encoder_pb2.EncodeRequest(image=image, outputs=[DETECTION]), **kw
-                )
-            ).encoding
+        outputs = [DETECTION]
+        if self.thresholds.trimmed_view:
+            outputs.append(DETECTION_TRIMMED)
+
+        async def detect(
+            e: encoder_pb2.Encoding, keys: common_pb2.DetectionKeys
+        ) -> Decision:
             detect = index_pb2.DetectRequest(
                 collection=t.registry,
                 model=e.detection_model,
-                query=e.detection,
+                query=keys,
                 max_hamming=self.thresholds.max_hamming,
                 fallback_k=self.thresholds.fallback_k,
                 max_candidates=100,
             )
             replies = await asyncio.gather(*(s.Detect(detect, **kw) for s in shards))
-            if decide(replies, self.thresholds).matched is not None:
+            return decide(
+                replies,
+                self.thresholds,
+                require_second_key=self.thresholds.require_second_key,
+            )
+
+        async def direct_check(i: int) -> None:
+            image = self.images[i % n]
+            e = (
+                await enc.Encode(
+                    encoder_pb2.EncodeRequest(image=image, outputs=outputs), **kw
+                )
+            ).encoding
+            as_is = await detect(e, e.detection)
+            trimmed = None
+            if as_is.matched is None and e.HasField("trimmed_detection"):
+                trimmed = await detect(e, e.trimmed_detection)
+            if with_trimmed_view(as_is, trimmed)[0].matched is not None:
                 return
             r = (
                 await enc.Encode(

@@ -41,6 +41,11 @@ def render_check(reply: gateway_pb2.CheckResponse, label: str = "") -> str:
         f"{ev.stage2_candidates} compared by cosine (K={t.fallback_k}); "
         f"{ev.searched} registered works searched on {ev.shards} shard(s)"
     )
+    if ev.trimmed:
+        lines.append(
+            "  matched with the image's uniform border (frame, slide margin) trimmed; "
+            "as it is, it matched nothing"
+        )
     if ev.top_candidates:
         best = ", ".join(
             f"{c.id} (h={c.hamming}, cos={c.cosine:.3f})" for c in ev.top_candidates[:3]

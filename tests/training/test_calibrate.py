@@ -5,6 +5,7 @@ them keeps the bundle loadable with its version. Random keys and the tiny ONNX b
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -44,30 +45,63 @@ def setup() -> tuple[Registry, Queries]:
     fk, sk = _keys(z)
     truth = ids + ids[:20] + ids[20:] + [None] * 40
     groups = ["original"] * 40 + ["weak"] * 20 + ["hybrid"] * 20 + ["distractor"] * 40
-    return registry, Queries(fk, sk, truth, groups)
+    # Trimmed views: the heavy copies' are light copies (a border taken off), some
+    # fresh distractors' land near a registered item; every third query has none.
+    view = z.copy()
+    view[60:80] = reg[20:] + rng.normal(0, 0.2, (20, 64))
+    view[80:90] = reg[30:] + rng.normal(0, 0.3, (10, 64))
+    tfk, tsk = _keys(view)
+    has = np.arange(len(z)) % 3 != 0
+    return registry, Queries(fk, sk, truth, groups, tfk, tsk, has)
+
+
+GRID = {"t1_grid": (0, 4, 8, 12, 16, 24), "k_grid": (0, 4, 16)}
 
 
 def test_shortcut_equals_real_detect(setup: tuple[Registry, Queries]) -> None:
     registry, q = setup
     t1_grid, k_grid = (0, 6, 14, 24), (0, 1, 16)
     picks = collect_picks(registry, q, t1_grid, k_grid)
-    for t1 in t1_grid:
-        for k in k_grid:
-            for t2 in (0.3, 0.8, 0.95):
-                for req in (False, True):
-                    t = Thresholds(t1, t2, k, req)
-                    real = registry.detect_all(q.first_keys, q.second_keys, t)
-                    matched, right = outcomes(picks, t1, k, t2, req)
-                    assert matched.tolist() == [v.matched is not None for v in real]
-                    want = [
-                        v.matched == tr for v, tr in zip(real, q.truth, strict=True)
-                    ]
-                    assert right.tolist() == [
-                        m and w for m, w in zip(matched, want, strict=True)
-                    ]
+    by_view = 0
+    for t1, k, t2, req, view in itertools.product(
+        t1_grid, k_grid, (0.3, 0.8, 0.95), (False, True), (False, True)
+    ):
+        t = Thresholds(t1, t2, k, req, view)
+        real = registry.detect_all(q, t)
+        matched, right = outcomes(picks, t)
+        assert matched.tolist() == [v.matched is not None for v in real]
+        want = [v.matched == tr for v, tr in zip(real, q.truth, strict=True)]
+        assert right.tolist() == [m and w for m, w in zip(matched, want, strict=True)]
+        used = [v.trimmed for v in real]
+        assert view or not any(used)
+        assert not any(u and not h for u, h in zip(used, q.has_trimmed, strict=True))
+        by_view += sum(used)
+    assert by_view > 0  # the trimmed view really decided some of them
 
 
-GRID = {"t1_grid": (0, 4, 8, 12, 16, 24), "k_grid": (0, 4, 16)}
+def test_trimmed_view_is_chosen_when_it_pays() -> None:
+    """Copies that only their trimmed view identifies (a heavy change as is, a light
+    one once trimmed): calibration turns the view on, within the target."""
+    rng = np.random.default_rng(9)
+    reg = rng.normal(0, 1, (30, 64))
+    ids = [f"r{i:02d}" for i in range(30)]
+    registry = Registry(ids, *_keys(reg))
+    framed = reg + rng.normal(0, 2.0, (30, 64))
+    fresh = rng.normal(0, 1, (40, 64))
+    z = np.concatenate([reg, framed, fresh])
+    view = np.concatenate([reg, reg + rng.normal(0, 0.2, (30, 64)), fresh])
+    truth = ids + ids + [None] * 40
+    groups = ["original"] * 30 + ["practical"] * 30 + ["distractor"] * 40
+    has = np.array([False] * 30 + [True] * 30 + [False] * 40)
+    q = Queries(*_keys(z), truth, groups, *_keys(view), has)
+    cal, _ = calibrate(registry, q, target_fmr=0.05, **GRID)
+    plain, _ = calibrate(
+        registry, Queries(*_keys(z), truth, groups), target_fmr=0.05, **GRID
+    )
+    assert not plain.thresholds.trimmed_view
+    assert cal.thresholds.trimmed_view
+    assert cal.detection["practical"] > plain.detection["practical"] + 0.5
+    assert cal.false_match_rate <= 0.05
 
 
 def test_calibration_meets_the_target(setup: tuple[Registry, Queries]) -> None:
@@ -76,7 +110,7 @@ def test_calibration_meets_the_target(setup: tuple[Registry, Queries]) -> None:
     cal, front = calibrate(registry, q, target_fmr=0.05, picks=picks, **GRID)
     assert cal.feasible
     t = cal.thresholds
-    real = registry.detect_all(q.first_keys, q.second_keys, t)
+    real = registry.detect_all(q, t)
     groups = np.array(q.groups)
     fm = np.array([v.matched is not None for v in real])[groups == "distractor"]
     assert fm.mean() <= 0.05 and fm.mean() == pytest.approx(cal.false_match_rate)

@@ -9,8 +9,16 @@ import pytest
 from PIL import Image
 
 from copyfree.errors import InvalidInput
-from copyfree.preprocess import PreprocessSpec, decode, to_input
-from tests.utils.images import encode, make_image_bytes, make_picture
+from copyfree.preprocess import (
+    BORDER_MAX_SIDE,
+    BORDER_PROBE,
+    PreprocessSpec,
+    border_box,
+    decode,
+    to_input,
+    trim_border,
+)
+from tests.utils.images import encode, framed, make_image_bytes, make_picture
 
 
 def test_decode_refuses_empty_bytes() -> None:
@@ -78,3 +86,64 @@ def test_to_input_grayscale() -> None:
 def test_spec_round_trips_through_dict() -> None:
     spec = PreprocessSpec(size=128, channels=1, mean=(0.1,), std=(0.2,))
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+
+
+# ---- border trimming ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sides", "colour"),
+    [
+        ((16, 16, 16, 16), (255, 255, 255)),  # a white frame
+        ((0, 30, 0, 30), (0, 0, 0)),  # letterbox
+        ((40, 0, 40, 0), (12, 80, 200)),  # pillarbox on a coloured slide
+        ((5, 20, 60, 9), (255, 255, 255)),  # uneven margins
+    ],
+)
+def test_border_box_finds_the_picture_inside_a_border(
+    sides: tuple[int, int, int, int], colour: tuple[int, int, int]
+) -> None:
+    picture = make_picture(3)
+    copy = framed(picture, sides, colour)
+    left, top, _, _ = sides
+    assert border_box(copy) == (
+        left,
+        top,
+        left + picture.width,
+        top + picture.height,
+    )
+    trimmed = trim_border(copy)
+    assert trimmed is not None
+    assert np.array_equal(np.asarray(trimmed), np.asarray(picture))
+
+
+def test_border_box_survives_jpeg_and_large_images() -> None:
+    """A framed picture re-saved as JPEG and 4x larger than the probe: the box lands
+    within the probe's resolution of the truth."""
+    picture = make_picture(4, (800, 600))
+    copy = framed(picture, (100, 60, 100, 60), (255, 255, 255))
+    again = decode(encode(copy, "JPEG", quality=75))
+    box = border_box(again)
+    assert box is not None
+    truth = (100, 60, 900, 660)
+    assert all(abs(a - b) <= 6 for a, b in zip(box, truth, strict=True)), box
+
+
+def test_no_border_no_box() -> None:
+    assert border_box(make_picture(5)) is None
+    assert trim_border(make_picture(5)) is None
+
+
+def test_a_uniform_image_is_not_trimmed_to_nothing() -> None:
+    blank = Image.new("RGB", (200, 100), (240, 240, 240))
+    assert border_box(blank) is None
+
+
+def test_at_most_a_share_of_each_side_is_trimmed() -> None:
+    """A thin picture on a vast margin: the trim stops at BORDER_MAX_SIDE per side."""
+    copy = framed(make_picture(6, (40, 40)), (400, 400, 400, 400))
+    box = border_box(copy)
+    assert box is not None
+    limit = int(BORDER_MAX_SIDE * BORDER_PROBE)
+    scale = copy.width / BORDER_PROBE
+    assert box[0] == round(limit * scale) and box[1] == round(limit * scale)

@@ -40,6 +40,20 @@ def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
     return buf.getvalue()
 
 
+def framed(
+    picture: Image.Image,
+    sides: tuple[int, int, int, int] = (16, 16, 16, 16),
+    colour: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """picture pasted on a canvas with (left, top, right, bottom) pixels of colour:
+    a frame, a slide margin, a letterbox."""
+    left, top, right, bottom = sides
+    w, h = picture.size
+    canvas = Image.new("RGB", (w + left + right, h + top + bottom), colour)
+    canvas.paste(picture, (left, top))
+    return canvas
+
+
 def make_image_bytes(
     seed: int, fmt: str = "PNG", size: tuple[int, int] = (160, 120)
 ) -> bytes:

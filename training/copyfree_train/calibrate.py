@@ -5,18 +5,22 @@ Owns:
   code the index service runs), queried with the shard's Detect and judged by the
   gateway's decision rule (copyfree_gateway.decision.decide), in process. Nothing of
   the two-stage search is reimplemented here.
-- `calibrate`: picks (T1, T2, K, and whether a unique stage-1 candidate must also
-  reach T2) for a target false-match rate on never-registered distractors. For each
-  T1 on the grid and each query it runs the real Detect once (with the largest K) and
-  the real decision once per K with T2 = -1, which yields the candidate the rule would
-  pick and its cosine; the decision for any T2 then follows from decide()'s own rule
+- `calibrate`: picks (T1, T2, K, whether a unique stage-1 candidate must also
+  reach T2, and whether to search the border-trimmed view) for a target
+  false-match rate on never-registered distractors. For each T1 on the grid and
+  each query it runs the real Detect once (with the largest K) and the real
+  decision once per K with T2 = -1, which yields the candidate the rule would pick
+  and its cosine; the decision for any T2 then follows from decide()'s own rule
   (a unique stage-1 candidate is the answer whatever its cosine unless
   require_second_key; otherwise the pick must reach T2), so the T2 and
-  require_second_key axes cost no further searches.
+  require_second_key axes cost no further searches. Queries that carry the keys of
+  their border-trimmed view get the same picks for that view, and the trimmed_view
+  axis combines the two as the gateway does (the view answers only where the image
+  as is matched nothing).
   Among settings whose distractor false-match rate is <= target and which keep every
   unmodified registered image REGISTERED with its id, it takes the one with the best
   mean detection over the attack groups (ties: fewer false matches, then the stricter
-  setting).
+  setting, then one search rather than two).
 - `write_thresholds`: writes the chosen thresholds into a bundle's manifest.json, with
   the calibration's provenance. The bundle's version is kept: it names the weights
   and keys (collections are bound to it), which calibration does not change.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import logging
 from collections.abc import Sequence
@@ -39,7 +44,7 @@ import numpy as np
 
 from copyfree.bundle import Thresholds, read_manifest, write_manifest
 from copyfree.v1 import common_pb2, gateway_pb2, index_pb2
-from copyfree_gateway.decision import decide
+from copyfree_gateway.decision import decide, with_trimmed_view
 from copyfree_index.shard import (
     CollectionSpec,
     DetectHit,
@@ -56,6 +61,7 @@ UNIQUE = gateway_pb2.DECISION_STAGE_UNIQUE_FIRST_KEY
 T1_GRID = tuple(range(0, 25))
 K_GRID = (0, 1, 4, 16, 64)
 R_GRID = (False, True)  # require_second_key
+V_GRID = (False, True)  # trimmed_view (only where the queries have trimmed keys)
 T2_GRID = tuple(
     round(float(v), 4)
     for v in np.concatenate(
@@ -76,6 +82,7 @@ class Verdict:
     stage: int
     hamming: int
     cosine: float
+    trimmed: bool = False  # the answer came from the image with its border trimmed
 
 
 class Registry:
@@ -121,21 +128,30 @@ class Registry:
         )
 
     def detect(
-        self, first_key: np.ndarray, second_key: np.ndarray, t: Thresholds
+        self,
+        first_key: np.ndarray,
+        second_key: np.ndarray,
+        t: Thresholds,
+        trimmed: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Verdict:
-        """Detect + the gateway's decision at thresholds t."""
-        resp = self.search(first_key, second_key, t.max_hamming, t.fallback_k)
+        """Detect + the gateway's decision at thresholds t; with t.trimmed_view, the
+        trimmed view's keys (first, second) are searched when the image matches
+        nothing, as the gateway's Check does."""
         proto = _proto(t)
-        return _verdict(
-            decide([resp], proto, require_second_key=proto.require_second_key)
-        )
 
-    def detect_all(
-        self, first_keys: np.ndarray, second_keys: np.ndarray, t: Thresholds
-    ) -> list[Verdict]:
-        return [
-            self.detect(a, b, t) for a, b in zip(first_keys, second_keys, strict=True)
-        ]
+        def decision(a: np.ndarray, b: np.ndarray) -> Any:
+            resp = self.search(a, b, t.max_hamming, t.fallback_k)
+            return decide([resp], proto, require_second_key=proto.require_second_key)
+
+        as_is = decision(first_key, second_key)
+        view = None
+        if as_is.matched is None and t.trimmed_view and trimmed is not None:
+            view = decision(*trimmed)
+        d, used = with_trimmed_view(as_is, view)
+        return _verdict(d, used)
+
+    def detect_all(self, q: Queries, t: Thresholds) -> list[Verdict]:
+        return [self.detect(*q.keys(i), t, q.trimmed_keys(i)) for i in range(len(q))]
 
 
 def _candidate(h: DetectHit) -> index_pb2.DetectCandidate:
@@ -143,21 +159,16 @@ def _candidate(h: DetectHit) -> index_pb2.DetectCandidate:
 
 
 def _proto(t: Thresholds) -> common_pb2.Thresholds:
-    return common_pb2.Thresholds(
-        max_hamming=t.max_hamming,
-        min_cosine=t.min_cosine,
-        fallback_k=t.fallback_k,
-        require_second_key=t.require_second_key,
-    )
+    return common_pb2.Thresholds(**t.to_dict())
 
 
-def _verdict(d: Any) -> Verdict:
+def _verdict(d: Any, trimmed: bool) -> Verdict:
     if d.matched is None:
         best = d.top[0] if d.top else None
         return Verdict(
             None, d.stage, best.hamming if best else -1, best.cosine if best else -2.0
         )
-    return Verdict(d.matched.id, d.stage, d.matched.hamming, d.matched.cosine)
+    return Verdict(d.matched.id, d.stage, d.matched.hamming, d.matched.cosine, trimmed)
 
 
 # ----------------------------------------------------------------- calibration
@@ -172,18 +183,75 @@ class Queries:
     second_keys: np.ndarray  # (n, 64) int16
     truth: list[str | None]  # registered id, None for a distractor
     groups: list[str]  # "original", "weak", "hybrid", "practical", "distractor"
+    # Keys of each image with its uniform border trimmed, where it has one.
+    trimmed_first_keys: np.ndarray | None = None  # (n, 8); rows where has_trimmed
+    trimmed_second_keys: np.ndarray | None = None  # (n, 64)
+    has_trimmed: np.ndarray | None = None  # (n,) bool
+
+    def __len__(self) -> int:
+        return len(self.truth)
+
+    def keys(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.first_keys[i], self.second_keys[i]
+
+    def trimmed_keys(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.has_trimmed is None or not self.has_trimmed[i]:
+            return None
+        assert self.trimmed_first_keys is not None
+        assert self.trimmed_second_keys is not None
+        return self.trimmed_first_keys[i], self.trimmed_second_keys[i]
+
+    def trimmed_view(self) -> Queries | None:
+        """The queries with their trimmed keys (rows without a border: no keys)."""
+        if self.has_trimmed is None:
+            return None
+        assert self.trimmed_first_keys is not None
+        assert self.trimmed_second_keys is not None
+        return Queries(
+            self.trimmed_first_keys, self.trimmed_second_keys, self.truth, self.groups
+        )
 
 
 @dataclass
 class Picks:
     """Per (T1, K), for each query, what the rule picks with T2 = -1: whether it
     picked anything, whether that is the query's true id, its cosine, and whether
-    stage 1 had exactly one candidate (then T2 does not apply)."""
+    stage 1 had exactly one candidate (then T2 does not apply). `trimmed`: the same
+    for the queries' trimmed keys (has = False where a query has none)."""
 
     has: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     right: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     cos: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     unique: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    trimmed: Picks | None = None
+
+    def matched(
+        self, key: tuple[int, int], t2s: np.ndarray, require_second_key: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(matched anything, matched the right id), (queries, len(t2s)), by
+        decide()'s rule: a unique stage-1 candidate is the answer unless
+        require_second_key; any other pick must reach T2 (compared in float32)."""
+        unique = self.unique[key] & (not require_second_key)
+        matched = self.has[key][:, None] & (
+            unique[:, None] | (self.cos[key][:, None] >= t2s[None, :])
+        )
+        return matched, matched & self.right[key][:, None]
+
+    def outcomes(
+        self,
+        key: tuple[int, int],
+        t2s: np.ndarray,
+        require_second_key: bool,
+        trimmed_view: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """matched() with the gateway's view rule: the trimmed view answers where the
+        image as is matched nothing (copyfree_gateway.decision.with_trimmed_view)."""
+        matched, right = self.matched(key, t2s, require_second_key)
+        if trimmed_view and self.trimmed is not None:
+            m2, r2 = self.trimmed.matched(key, t2s, require_second_key)
+            use = ~matched & m2
+            matched, right = matched | use, right | (use & r2)
+        return matched, right
 
 
 def collect_picks(
@@ -195,6 +263,12 @@ def collect_picks(
     picks = Picks()
     kmax = max(k_grid)
     n = len(q.truth)
+    view = q.trimmed_view()
+    if view is not None:
+        picks.trimmed = collect_picks(registry, view, t1_grid, k_grid)
+        assert q.has_trimmed is not None
+        for has in picks.trimmed.has.values():
+            has &= q.has_trimmed
     for t1 in t1_grid:
         for k in k_grid:
             picks.has[(t1, k)] = np.zeros(n, bool)
@@ -214,17 +288,17 @@ def collect_picks(
     return picks
 
 
-def outcomes(
-    picks: Picks, t1: int, k: int, t2: float, require_second_key: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """(matched anything, matched the right id) per query at (t1, t2, k), by decide()'s
-    rule applied to the T2 = -1 picks (cosines compared in float32, as decide does):
-    a unique stage-1 candidate is the answer unless require_second_key; any other pick
-    must reach T2. (The pick itself depends on neither T2 nor require_second_key.)"""
-    key = (t1, k)
-    unique = picks.unique[key] & (not require_second_key)
-    matched = picks.has[key] & (unique | (picks.cos[key] >= np.float32(t2)))
-    return matched, matched & picks.right[key]
+def outcomes(picks: Picks, t: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """(matched anything, matched the right id) per query at thresholds t, from the
+    T2 = -1 picks (Picks.outcomes). (The pick itself depends on neither T2 nor
+    require_second_key.)"""
+    matched, right = picks.outcomes(
+        (t.max_hamming, t.fallback_k),
+        np.asarray([t.min_cosine], np.float32),
+        t.require_second_key,
+        t.trimmed_view,
+    )
+    return matched[:, 0], right[:, 0]
 
 
 @dataclass(frozen=True)
@@ -251,9 +325,7 @@ class Calibration:
 
 def score(picks: Picks, q: Queries, t: Thresholds) -> tuple[float, dict[str, float]]:
     """(false-match rate on distractors, right-id detection per positive group)."""
-    matched, right = outcomes(
-        picks, t.max_hamming, t.fallback_k, t.min_cosine, t.require_second_key
-    )
+    matched, right = outcomes(picks, t)
     groups = np.asarray(q.groups)
     neg = groups == "distractor"
     fmr = float(matched[neg].mean()) if neg.any() else 0.0
@@ -275,9 +347,9 @@ def calibrate(
     picks: Picks | None = None,
     r_grid: Sequence[bool] = R_GRID,
 ) -> tuple[Calibration, list[dict[str, Any]]]:
-    """The best (T1, T2, K, require_second_key) at false-match rate <= target_fmr
-    (see the module doc), and the frontier (best detection at each false-match rate
-    seen) for plotting. Scores every T2 of the grid at once: outcomes() vectorised."""
+    """The best (T1, T2, K, require_second_key, trimmed_view) at false-match rate
+    <= target_fmr (see the module doc), and the frontier (best detection at each
+    false-match rate seen) for plotting. Scores every T2 of the grid at once."""
     picks = picks or collect_picks(registry, q, t1_grid, k_grid)
     attack_groups = [
         g for g in dict.fromkeys(q.groups) if g not in ("distractor", "original")
@@ -289,42 +361,33 @@ def calibrate(
     best: tuple[Any, ...] | None = None
     fallback: tuple[Any, ...] | None = None
     table: list[dict[str, Any]] = []
-    for t1 in t1_grid:
-        for k in k_grid:
-            key = (t1, k)
-            for req in r_grid:
-                # outcomes() for every T2 at once: (queries, len(t2_grid))
-                unique = picks.unique[key] & (not req)
-                matched = picks.has[key][:, None] & (
-                    unique[:, None] | (picks.cos[key][:, None] >= t2s[None, :])
-                )
-                right = matched & picks.right[key][:, None]
-                fmrs = matched[neg].mean(axis=0) if neg.any() else np.zeros(len(t2s))
-                dets = {g: right[m].mean(axis=0) for g, m in masks.items()}
-                means = (
-                    np.mean([dets[g] for g in attack_groups], axis=0)
-                    if attack_groups
-                    else np.zeros(len(t2s))
-                )
-                for j, t2 in enumerate(t2_grid):
-                    fmr, mean = float(fmrs[j]), float(means[j])
-                    t = Thresholds(t1, t2, k, req)
-                    table.append({**t.to_dict(), "fmr": fmr, "detection": mean})
-                    # larger = better: detection, fewer false matches, stricter rule
-                    rank = (mean, -fmr, req, t2, -t1, -k)
-                    originals_ok = "original" not in dets or dets["original"][j] >= 1.0
-                    if fmr <= target_fmr and originals_ok:
-                        if best is None or rank > best[0]:
-                            best = (
-                                rank,
-                                t,
-                                fmr,
-                                {g: float(v[j]) for g, v in dets.items()},
-                            )
-                    frank = (-fmr, mean, req, t2, -t1, -k)
-                    if fallback is None or frank > fallback[0]:
-                        det = {g: float(v[j]) for g, v in dets.items()}
-                        fallback = (frank, t, fmr, det)
+    v_grid = V_GRID if picks.trimmed is not None else (False,)
+    for t1, k, req, view in itertools.product(t1_grid, k_grid, r_grid, v_grid):
+        # outcomes for every T2 at once: (queries, len(t2_grid))
+        matched, right = picks.outcomes((t1, k), t2s, req, view)
+        fmrs = matched[neg].mean(axis=0) if neg.any() else np.zeros(len(t2s))
+        dets = {g: right[m].mean(axis=0) for g, m in masks.items()}
+        means = (
+            np.mean([dets[g] for g in attack_groups], axis=0)
+            if attack_groups
+            else np.zeros(len(t2s))
+        )
+        for j, t2 in enumerate(t2_grid):
+            fmr, mean = float(fmrs[j]), float(means[j])
+            t = Thresholds(t1, t2, k, req, view)
+            table.append({**t.to_dict(), "fmr": fmr, "detection": mean})
+            # larger = better: detection, fewer false matches, stricter rule, and
+            # (all else equal) one search rather than two
+            rank = (mean, -fmr, req, t2, -t1, -k, not view)
+            originals_ok = "original" not in dets or dets["original"][j] >= 1.0
+            if fmr <= target_fmr and originals_ok:
+                if best is None or rank > best[0]:
+                    det = {g: float(v[j]) for g, v in dets.items()}
+                    best = (rank, t, fmr, det)
+            frank = (-fmr, mean, req, t2, -t1, -k, not view)
+            if fallback is None or frank > fallback[0]:
+                det = {g: float(v[j]) for g, v in dets.items()}
+                fallback = (frank, t, fmr, det)
     chosen, feasible = (best, True) if best is not None else (fallback, False)
     assert chosen is not None
     _, t, fmr, det = chosen

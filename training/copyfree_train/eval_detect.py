@@ -66,7 +66,7 @@ from copyfree.bundle import (
     read_manifest,
 )
 from copyfree.codes import unpack_bits
-from copyfree.preprocess import to_input
+from copyfree.preprocess import to_input, trim_border
 from copyfree_train import attacks as A
 from copyfree_train.calibrate import (
     Calibration,
@@ -343,9 +343,9 @@ class BundleHasher(Hasher):
         )
 
     def ident(self) -> str:
-        return f"keys|{self.manifest.version}"
+        return f"keys|{self.manifest.version}|trimmed"
 
-    def __call__(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+    def _keys(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         x = np.stack([to_input(im, self.manifest.preprocess) for im in images])
         out = dict(
             zip(
@@ -355,6 +355,21 @@ class BundleHasher(Hasher):
             )
         )
         return {"first_key": out["first_key"], "second_key": out["second_key"]}
+
+    def __call__(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+        """Keys of each image as is and of its border-trimmed view (the encoder's
+        trim_border; rows without a border repeat the keys, `trimmed` False)."""
+        keys = self._keys(images)
+        inner = [trim_border(im) for im in images]
+        has = np.array([im is not None for im in inner])
+        out = {**keys, "trimmed": has}
+        for name in ("first_key", "second_key"):
+            out[f"trimmed_{name}"] = keys[name].copy()
+        if has.any():
+            view = self._keys([im for im in inner if im is not None])
+            for name in ("first_key", "second_key"):
+                out[f"trimmed_{name}"][has] = view[name]
+        return out
 
 
 class PHasher(Hasher):
@@ -731,15 +746,15 @@ def keys_identification(
     frontier on the calibration distractors, summaries at OPERATING_POINTS)."""
     registry, q, _rows = calibration_queries(data, keys, bundle)
     manifest = read_manifest(bundle)
-    fk, sk = keys["first_key"], keys["second_key"]
-    at_bundle = registry.detect_all(fk, sk, manifest.thresholds)
+    every = query_keys(data, keys, np.arange(len(data.queries)))
+    at_bundle = registry.detect_all(every, manifest.thresholds)
     bundle_summary = identification_summary(
         data, [v.matched for v in at_bundle], manifest.thresholds.to_dict()
     )
     bundle_summary["stages"] = _stage_counts(at_bundle)
     picks = collect_picks(registry, q)
     cal, front = calibrate(registry, q, target_fmr, picks=picks)
-    at_cal = registry.detect_all(fk, sk, cal.thresholds)
+    at_cal = registry.detect_all(every, cal.thresholds)
     cal_summary = identification_summary(
         data, [v.matched for v in at_cal], cal.thresholds.to_dict()
     )
@@ -747,7 +762,7 @@ def keys_identification(
     points = {}
     for target in OPERATING_POINTS:
         c, _ = calibrate(registry, q, target, picks=picks)
-        verdicts = registry.detect_all(fk, sk, c.thresholds)
+        verdicts = registry.detect_all(every, c.thresholds)
         points[target] = identification_summary(
             data, [v.matched for v in verdicts], c.thresholds.to_dict()
         )
@@ -765,7 +780,25 @@ def _stage_counts(verdicts: Sequence[Any]) -> dict[str, int]:
             .lower()
         )
         out[name] = out.get(name, 0) + 1
+    out["matched_by_trimmed_view"] = sum(v.trimmed for v in verdicts)
     return out
+
+
+def query_keys(
+    data: EvalData, keys: dict[str, np.ndarray], rows: np.ndarray
+) -> Queries:
+    """The keys (and trimmed-view keys, when computed) of the queries at rows."""
+    qs = [data.queries[j] for j in rows]
+    has = keys.get("trimmed")
+    return Queries(
+        keys["first_key"][rows],
+        keys["second_key"][rows],
+        [q.truth for q in qs],
+        [q.group for q in qs],
+        None if has is None else keys["trimmed_first_key"][rows],
+        None if has is None else keys["trimmed_second_key"][rows],
+        None if has is None else has[rows],
+    )
 
 
 def calibration_queries(
@@ -785,14 +818,7 @@ def calibration_queries(
     rows = np.array(
         [j for j, q in enumerate(data.queries) if q.role in ("positive", "calib")]
     )
-    qs = [data.queries[j] for j in rows]
-    queries = Queries(
-        keys["first_key"][rows],
-        keys["second_key"][rows],
-        [q.truth for q in qs],
-        [q.group for q in qs],
-    )
-    return registry, queries, rows
+    return registry, query_keys(data, keys, rows), rows
 
 
 # ----------------------------------------------------------------- the run
@@ -914,7 +940,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         "## Identification (1:N, registered originals vs distractors)",
         "",
         "keys (the bundle's detection keys): the real index Detect + gateway "
-        "decision; baselines: nearest registered code within a Hamming threshold. "
+        "decision, thresholds T1/T2/K/require_second_key/trimmed_view (trimmed_view: "
+        "a query that matches nothing as is is searched again with its uniform "
+        "border trimmed); baselines: nearest registered code within a Hamming "
+        "threshold T. "
         "Calibrated = fitted on the calibration "
         f"distractors to a false-match rate <= {r['config']['target_fmr']}; false "
         "matches below are measured on the *test* distractors. Detection = share of "

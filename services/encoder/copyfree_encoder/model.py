@@ -36,6 +36,7 @@ from copyfree.preprocess import (
     PreprocessSpec,
     decode,
     to_input,
+    trim_border,
 )
 from copyfree.serving.metrics import ENCODER_BATCH_SIZE, MODEL_INFO
 from copyfree_encoder.settings import EncoderSettings, Providers
@@ -303,6 +304,9 @@ class Prepared:
     width: int
     height: int
     inputs: Mapping[Kind, NDArray[np.float32]]  # kind -> (channels, size, size)
+    # The image without its uniform border, for detection only (None: not asked for,
+    # or the image has no such border).
+    trimmed: Prepared | None = None
 
 
 @dataclass(frozen=True)
@@ -399,8 +403,12 @@ class Encoder:
             self.model(kind)
         return kinds
 
-    def prepare(self, data: bytes, outputs: frozenset[Kind]) -> Prepared:
-        """Decode (limits, EXIF, alpha on white), preprocess for each requested model.
+    def prepare(
+        self, data: bytes, outputs: frozenset[Kind], *, trimmed: bool = False
+    ) -> Prepared:
+        """Decode (limits, EXIF, alpha on white), preprocess for each requested model;
+        with `trimmed`, also the detection input of the image without its uniform
+        border (copyfree.preprocess.trim_border), when it has one.
 
         Raises InvalidInput for anything wrong with the bytes."""
         try:
@@ -419,7 +427,19 @@ class Encoder:
         inputs = {
             kind: to_input(image, self.model(kind).spec) for kind in sorted(outputs)
         }
-        return Prepared(width=image.width, height=image.height, inputs=inputs)
+        inner = trim_border(image) if trimmed and "detection" in outputs else None
+        return Prepared(
+            width=image.width,
+            height=image.height,
+            inputs=inputs,
+            trimmed=None
+            if inner is None
+            else Prepared(
+                width=inner.width,
+                height=inner.height,
+                inputs={"detection": to_input(inner, self.model("detection").spec)},
+            ),
+        )
 
     def run_batch(self, items: Sequence[Prepared]) -> list[EncodedImage]:
         """Run each model once over the items that asked for it (blocking)."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from copyfree.bundle import Kind
 from copyfree.codes import second_key_to_bytes
@@ -25,11 +26,18 @@ BATCH_REQUEST_FACTOR = 8  # EncodeBatch takes up to max_batch * 8 images per req
 
 _OUTPUT_KINDS: dict[int, Kind] = {
     encoder_pb2.ENCODE_OUTPUT_DETECTION: "detection",
+    encoder_pb2.ENCODE_OUTPUT_DETECTION_TRIMMED: "detection",
     encoder_pb2.ENCODE_OUTPUT_RETRIEVAL: "retrieval",
 }
 
 
-def parse_outputs(values: Sequence[int]) -> list[Kind]:
+@dataclass(frozen=True)
+class Outputs:
+    kinds: list[Kind]
+    trimmed: bool  # also the keys of the image without its uniform border
+
+
+def parse_outputs(values: Sequence[int]) -> Outputs:
     """EncodeOutput values -> kinds; UNSPECIFIED is ignored, unknown numbers refused."""
     kinds: list[Kind] = []
     for i, value in enumerate(values):
@@ -38,7 +46,8 @@ def parse_outputs(values: Sequence[int]) -> list[Kind]:
         if value not in _OUTPUT_KINDS:
             raise InvalidInput(f"outputs[{i}] = {value} is not a known EncodeOutput")
         kinds.append(_OUTPUT_KINDS[value])
-    return kinds
+    trimmed = encoder_pb2.ENCODE_OUTPUT_DETECTION_TRIMMED in values
+    return Outputs(kinds, trimmed)
 
 
 def model_ref(model: BundleModel) -> common_pb2.ModelRef:
@@ -56,15 +65,7 @@ def describe(model: BundleModel) -> encoder_pb2.ModelDescription:
         execution_provider=model.execution_provider,
     )
     if m.kind == "detection":
-        t = m.thresholds
-        description.thresholds.CopyFrom(
-            common_pb2.Thresholds(
-                max_hamming=t.max_hamming,
-                min_cosine=t.min_cosine,
-                fallback_k=t.fallback_k,
-                require_second_key=t.require_second_key,
-            )
-        )
+        description.thresholds.CopyFrom(common_pb2.Thresholds(**m.thresholds.to_dict()))
     return description
 
 
@@ -107,10 +108,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self, request: encoder_pb2.EncodeRequest, context: ServicerContext
     ) -> encoder_pb2.EncodeResponse:
         encoder, batcher = self._ready()
-        kinds = encoder.resolve_outputs(parse_outputs(request.outputs))
-        prepared = await asyncio.to_thread(encoder.prepare, request.image, kinds)
-        encoded = await batcher.submit(prepared)
-        return encoder_pb2.EncodeResponse(encoding=self._to_proto(encoder, encoded))
+        outputs = parse_outputs(request.outputs)
+        kinds = encoder.resolve_outputs(outputs.kinds)
+        prepared = await asyncio.to_thread(
+            encoder.prepare, request.image, kinds, trimmed=outputs.trimmed
+        )
+        encoded = await batcher.submit_many(_with_trimmed([prepared]))
+        return encoder_pb2.EncodeResponse(
+            encoding=self._to_proto(encoder, prepared, iter(encoded))
+        )
 
     async def EncodeBatch(
         self, request: encoder_pb2.EncodeBatchRequest, context: ServicerContext
@@ -121,25 +127,27 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             raise InvalidInput(
                 f"images holds {len(request.images)} images, the limit is {limit}"
             )
-        kinds = encoder.resolve_outputs(parse_outputs(request.outputs))
+        outputs = parse_outputs(request.outputs)
+        kinds = encoder.resolve_outputs(outputs.kinds)
 
         async def prepare_one(data: bytes) -> Prepared | InvalidInput:
             try:
-                return await asyncio.to_thread(encoder.prepare, data, kinds)
+                return await asyncio.to_thread(
+                    encoder.prepare, data, kinds, trimmed=outputs.trimmed
+                )
             except InvalidInput as e:
                 return e
 
         prepared = await asyncio.gather(*(prepare_one(data) for data in request.images))
-        good = [(i, p) for i, p in enumerate(prepared) if isinstance(p, Prepared)]
-        encoded = await batcher.submit_many([p for _, p in good])
-        by_index = dict(zip((i for i, _ in good), encoded, strict=True))
+        good = [p for p in prepared if isinstance(p, Prepared)]
+        encoded = iter(await batcher.submit_many(_with_trimmed(good)))
         results = []
-        for i, item in enumerate(prepared):
+        for item in prepared:
             if isinstance(item, InvalidInput):
                 error = encoder_pb2.ItemError(code=item.status, message=str(item))
                 results.append(encoder_pb2.EncodeResult(error=error))
             else:
-                encoding = self._to_proto(encoder, by_index[i])
+                encoding = self._to_proto(encoder, item, encoded)
                 results.append(encoder_pb2.EncodeResult(encoding=encoding))
         return encoder_pb2.EncodeBatchResponse(results=results)
 
@@ -152,18 +160,21 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         )
 
     @staticmethod
-    def _to_proto(encoder: Encoder, e: EncodedImage) -> encoder_pb2.Encoding:
+    def _to_proto(
+        encoder: Encoder, item: Prepared, encoded: Iterator[EncodedImage]
+    ) -> encoder_pb2.Encoding:
+        """The Encoding of `item`, taking its results (and its trimmed view's) from
+        `encoded`, in the order _with_trimmed() submitted them."""
+        e = next(encoded)
         encoding = encoder_pb2.Encoding(width=e.width, height=e.height)
         det, ret = encoder.detection, encoder.retrieval
         if det is not None and e.first_key is not None and e.second_key is not None:
-            encoding.detection.CopyFrom(
-                common_pb2.DetectionKeys(
-                    first_key=e.first_key, second_key=second_key_to_bytes(e.second_key)
-                )
-            )
+            encoding.detection.CopyFrom(_keys(e))
             if e.embedding is not None:
                 encoding.embedding.extend(e.embedding.tolist())
             encoding.detection_model.CopyFrom(model_ref(det))
+        if item.trimmed is not None:
+            encoding.trimmed_detection.CopyFrom(_keys(next(encoded)))
         if ret is not None and e.code is not None and e.fine is not None:
             encoding.retrieval.CopyFrom(
                 common_pb2.RetrievalCode(
@@ -174,6 +185,23 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             )
             encoding.retrieval_model.CopyFrom(model_ref(ret))
         return encoding
+
+
+def _with_trimmed(items: Sequence[Prepared]) -> list[Prepared]:
+    """Each item followed by its trimmed view, if any: one model run for both."""
+    out: list[Prepared] = []
+    for item in items:
+        out.append(item)
+        if item.trimmed is not None:
+            out.append(item.trimmed)
+    return out
+
+
+def _keys(e: EncodedImage) -> common_pb2.DetectionKeys:
+    assert e.first_key is not None and e.second_key is not None
+    return common_pb2.DetectionKeys(
+        first_key=e.first_key, second_key=second_key_to_bytes(e.second_key)
+    )
 
 
 def as_service(servicer: EncoderServicer) -> Service:

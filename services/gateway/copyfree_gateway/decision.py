@@ -72,6 +72,16 @@ def decide(
     )
 
 
+def with_trimmed_view(
+    as_is: Decision, trimmed: Decision | None
+) -> tuple[Decision, bool]:
+    """The image as is decides, unless it matched nothing and the image with its
+    uniform border trimmed did: then that decision, and True."""
+    if as_is.matched is None and trimmed is not None and trimmed.matched is not None:
+        return trimmed, True
+    return as_is, False
+
+
 def merge_similar(
     responses: Iterable[index_pb2.SimilarResponse], top_n: int
 ) -> list[index_pb2.SimilarHit]:

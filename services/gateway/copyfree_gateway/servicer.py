@@ -23,7 +23,12 @@ from copyfree.v1 import (
 )
 from copyfree_gateway import GATEWAY_SERVICE_NAME
 from copyfree_gateway.clients import EncoderClient, IndexClient
-from copyfree_gateway.decision import decide, merge_similar
+from copyfree_gateway.decision import (
+    Decision,
+    decide,
+    merge_similar,
+    with_trimmed_view,
+)
 from copyfree_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,7 @@ T = TypeVar("T")
 MAX_TOP_N = 100
 MAX_FALLBACK_K = 1000
 DETECTION = encoder_pb2.ENCODE_OUTPUT_DETECTION
+DETECTION_TRIMMED = encoder_pb2.ENCODE_OUTPUT_DETECTION_TRIMMED
 RETRIEVAL = encoder_pb2.ENCODE_OUTPUT_RETRIEVAL
 
 
@@ -86,19 +92,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
         return requested
 
+    async def _load_bundle_thresholds(self) -> None:
+        info = await self._encoder.model_info()
+        for m in info.models:
+            if m.kind == "detection":
+                self._bundle_thresholds[m.model.version] = m.thresholds
+
+    async def _trimmed_view_wanted(self) -> bool:
+        """Whether a loaded detection bundle searches the trimmed view (then Check asks
+        the encoder for its keys along with the image's)."""
+        if not self._bundle_thresholds:
+            await self._load_bundle_thresholds()
+        return any(t.trimmed_view for t in self._bundle_thresholds.values())
+
     async def _thresholds(
         self, model: common_pb2.ModelRef, request: gateway_pb2.CheckRequest
     ) -> common_pb2.Thresholds:
-        base = self._bundle_thresholds.get(model.version)
-        if base is None:
-            info = await self._encoder.model_info()
-            for m in info.models:
-                if m.kind == "detection":
-                    self._bundle_thresholds[m.model.version] = m.thresholds
-            base = self._bundle_thresholds.get(
-                model.version,
-                common_pb2.Thresholds(max_hamming=12, min_cosine=0.9, fallback_k=16),
-            )
+        if model.version not in self._bundle_thresholds:
+            await self._load_bundle_thresholds()
+        base = self._bundle_thresholds.get(
+            model.version,
+            common_pb2.Thresholds(max_hamming=12, min_cosine=0.9, fallback_k=16),
+        )
         t = common_pb2.Thresholds()
         t.CopyFrom(base)
         if request.HasField("max_hamming"):
@@ -124,18 +139,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         t.require_second_key = t.require_second_key or request.require_second_key
         return t
 
-    async def Check(
-        self, request: gateway_pb2.CheckRequest, context: ServicerContext
-    ) -> gateway_pb2.CheckResponse:
-        top_n = self._top_n(request.top_n)
-        registry = request.registry or self._settings.registry_collection
-        free = request.copyright_free or self._settings.copyright_free_collection
-        encoding = await self._encoder.encode(request.image, [DETECTION])
-        thresholds = await self._thresholds(encoding.detection_model, request)
+    async def _detect(
+        self,
+        registry: str,
+        model: common_pb2.ModelRef,
+        keys: common_pb2.DetectionKeys,
+        thresholds: common_pb2.Thresholds,
+    ) -> tuple[Decision, int]:
+        """Detect on every shard and the global decision; (decision, items searched)."""
         detect = index_pb2.DetectRequest(
             collection=registry,
-            model=encoding.detection_model,
-            query=encoding.detection,
+            model=model,
+            query=keys,
             max_hamming=thresholds.max_hamming,
             fallback_k=thresholds.fallback_k,
             max_candidates=self._settings.max_candidates,
@@ -144,6 +159,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         decision = decide(
             responses, thresholds, require_second_key=thresholds.require_second_key
         )
+        return decision, sum(r.searched for r in responses)
+
+    async def Check(
+        self, request: gateway_pb2.CheckRequest, context: ServicerContext
+    ) -> gateway_pb2.CheckResponse:
+        top_n = self._top_n(request.top_n)
+        registry = request.registry or self._settings.registry_collection
+        free = request.copyright_free or self._settings.copyright_free_collection
+        outputs = [DETECTION]
+        if await self._trimmed_view_wanted():
+            outputs.append(DETECTION_TRIMMED)
+        encoding = await self._encoder.encode(request.image, outputs)
+        model = encoding.detection_model
+        thresholds = await self._thresholds(model, request)
+        as_is, searched = await self._detect(
+            registry, model, encoding.detection, thresholds
+        )
+        trimmed = None
+        if (
+            as_is.matched is None
+            and thresholds.trimmed_view
+            and encoding.HasField("trimmed_detection")
+        ):
+            trimmed, _ = await self._detect(
+                registry, model, encoding.trimmed_detection, thresholds
+            )
+        decision, used_trimmed = with_trimmed_view(as_is, trimmed)
         evidence = gateway_pb2.DetectionEvidence(
             stage=decision.stage,
             stage1_candidates=decision.stage1_count,
@@ -153,9 +195,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 gateway_pb2.Candidate(id=c.id, hamming=c.hamming, cosine=c.cosine)
                 for c in decision.top
             ],
-            model=encoding.detection_model,
-            searched=sum(r.searched for r in responses),
+            model=model,
+            searched=searched,
             shards=len(self._shards),
+            trimmed=used_trimmed,
         )
         reply = gateway_pb2.CheckResponse(
             evidence=evidence, request_id=request_id.get()

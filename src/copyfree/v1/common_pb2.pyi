@@ -53,13 +53,15 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Thresholds(_message.Message):
-    __slots__ = ("max_hamming", "min_cosine", "fallback_k", "require_second_key")
+    __slots__ = ("max_hamming", "min_cosine", "fallback_k", "require_second_key", "trimmed_view")
     MAX_HAMMING_FIELD_NUMBER: _ClassVar[int]
     MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_K_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_SECOND_KEY_FIELD_NUMBER: _ClassVar[int]
+    TRIMMED_VIEW_FIELD_NUMBER: _ClassVar[int]
     max_hamming: int
     min_cosine: float
     fallback_k: int
     require_second_key: bool
-    def __init__(self, max_hamming: _Optional[int] = ..., min_cosine: _Optional[float] = ..., fallback_k: _Optional[int] = ..., require_second_key: _Optional[bool] = ...) -> None: ...
+    trimmed_view: bool
+    def __init__(self, max_hamming: _Optional[int] = ..., min_cosine: _Optional[float] = ..., fallback_k: _Optional[int] = ..., require_second_key: _Optional[bool] = ..., trimmed_view: _Optional[bool] = ...) -> None: ...

@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from copyfree.v1 import common_pb2 as copyfree_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63opyfree/v1/encoder.proto\x12\x0b\x63opyfree.v1\x1a\x18\x63opyfree/v1/common.proto\"J\n\rEncodeRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12*\n\x07outputs\x18\x02 \x03(\x0e\x32\x19.copyfree.v1.EncodeOutput\"\xfa\x01\n\x08\x45ncoding\x12-\n\tdetection\x18\x01 \x01(\x0b\x32\x1a.copyfree.v1.DetectionKeys\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12-\n\tretrieval\x18\x03 \x01(\x0b\x32\x1a.copyfree.v1.RetrievalCode\x12.\n\x0f\x64\x65tection_model\x18\x04 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12.\n\x0fretrieval_model\x18\x05 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\r\n\x05width\x18\x06 \x01(\r\x12\x0e\n\x06height\x18\x07 \x01(\r\"9\n\x0e\x45ncodeResponse\x12\'\n\x08\x65ncoding\x18\x01 \x01(\x0b\x32\x15.copyfree.v1.Encoding\"P\n\x12\x45ncodeBatchRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12*\n\x07outputs\x18\x02 \x03(\x0e\x32\x19.copyfree.v1.EncodeOutput\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"l\n\x0c\x45ncodeResult\x12)\n\x08\x65ncoding\x18\x01 \x01(\x0b\x32\x15.copyfree.v1.EncodingH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.copyfree.v1.ItemErrorH\x00\x42\x08\n\x06result\"A\n\x13\x45ncodeBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.copyfree.v1.EncodeResult\"\x12\n\x10ModelInfoRequest\"\xcb\x01\n\x10ModelDescription\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tcode_bits\x18\x03 \x01(\r\x12\x10\n\x08\x66ine_dim\x18\x04 \x01(\r\x12+\n\nthresholds\x18\x05 \x01(\x0b\x32\x17.copyfree.v1.Thresholds\x12\x15\n\rmanifest_json\x18\x06 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\"B\n\x11ModelInfoResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.copyfree.v1.ModelDescription*g\n\x0c\x45ncodeOutput\x12\x1d\n\x19\x45NCODE_OUTPUT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45NCODE_OUTPUT_DETECTION\x10\x01\x12\x1b\n\x17\x45NCODE_OUTPUT_RETRIEVAL\x10\x02\x32\xf1\x01\n\x0e\x45ncoderService\x12\x41\n\x06\x45ncode\x12\x1a.copyfree.v1.EncodeRequest\x1a\x1b.copyfree.v1.EncodeResponse\x12P\n\x0b\x45ncodeBatch\x12\x1f.copyfree.v1.EncodeBatchRequest\x1a .copyfree.v1.EncodeBatchResponse\x12J\n\tModelInfo\x12\x1d.copyfree.v1.ModelInfoRequest\x1a\x1e.copyfree.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63opyfree/v1/encoder.proto\x12\x0b\x63opyfree.v1\x1a\x18\x63opyfree/v1/common.proto\"J\n\rEncodeRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12*\n\x07outputs\x18\x02 \x03(\x0e\x32\x19.copyfree.v1.EncodeOutput\"\xb1\x02\n\x08\x45ncoding\x12-\n\tdetection\x18\x01 \x01(\x0b\x32\x1a.copyfree.v1.DetectionKeys\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12-\n\tretrieval\x18\x03 \x01(\x0b\x32\x1a.copyfree.v1.RetrievalCode\x12.\n\x0f\x64\x65tection_model\x18\x04 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12.\n\x0fretrieval_model\x18\x05 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\r\n\x05width\x18\x06 \x01(\r\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\x35\n\x11trimmed_detection\x18\x08 \x01(\x0b\x32\x1a.copyfree.v1.DetectionKeys\"9\n\x0e\x45ncodeResponse\x12\'\n\x08\x65ncoding\x18\x01 \x01(\x0b\x32\x15.copyfree.v1.Encoding\"P\n\x12\x45ncodeBatchRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12*\n\x07outputs\x18\x02 \x03(\x0e\x32\x19.copyfree.v1.EncodeOutput\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"l\n\x0c\x45ncodeResult\x12)\n\x08\x65ncoding\x18\x01 \x01(\x0b\x32\x15.copyfree.v1.EncodingH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.copyfree.v1.ItemErrorH\x00\x42\x08\n\x06result\"A\n\x13\x45ncodeBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.copyfree.v1.EncodeResult\"\x12\n\x10ModelInfoRequest\"\xcb\x01\n\x10ModelDescription\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tcode_bits\x18\x03 \x01(\r\x12\x10\n\x08\x66ine_dim\x18\x04 \x01(\r\x12+\n\nthresholds\x18\x05 \x01(\x0b\x32\x17.copyfree.v1.Thresholds\x12\x15\n\rmanifest_json\x18\x06 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\"B\n\x11ModelInfoResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.copyfree.v1.ModelDescription*\x8c\x01\n\x0c\x45ncodeOutput\x12\x1d\n\x19\x45NCODE_OUTPUT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45NCODE_OUTPUT_DETECTION\x10\x01\x12\x1b\n\x17\x45NCODE_OUTPUT_RETRIEVAL\x10\x02\x12#\n\x1f\x45NCODE_OUTPUT_DETECTION_TRIMMED\x10\x03\x32\xf1\x01\n\x0e\x45ncoderService\x12\x41\n\x06\x45ncode\x12\x1a.copyfree.v1.EncodeRequest\x1a\x1b.copyfree.v1.EncodeResponse\x12P\n\x0b\x45ncodeBatch\x12\x1f.copyfree.v1.EncodeBatchRequest\x1a .copyfree.v1.EncodeBatchResponse\x12J\n\tModelInfo\x12\x1d.copyfree.v1.ModelInfoRequest\x1a\x1e.copyfree.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'copyfree.v1.encoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODEOUTPUT']._serialized_start=1053
-  _globals['_ENCODEOUTPUT']._serialized_end=1156
+  _globals['_ENCODEOUTPUT']._serialized_start=1109
+  _globals['_ENCODEOUTPUT']._serialized_end=1249
   _globals['_ENCODEREQUEST']._serialized_start=68
   _globals['_ENCODEREQUEST']._serialized_end=142
   _globals['_ENCODING']._serialized_start=145
-  _globals['_ENCODING']._serialized_end=395
-  _globals['_ENCODERESPONSE']._serialized_start=397
-  _globals['_ENCODERESPONSE']._serialized_end=454
-  _globals['_ENCODEBATCHREQUEST']._serialized_start=456
-  _globals['_ENCODEBATCHREQUEST']._serialized_end=536
-  _globals['_ITEMERROR']._serialized_start=538
-  _globals['_ITEMERROR']._serialized_end=580
-  _globals['_ENCODERESULT']._serialized_start=582
-  _globals['_ENCODERESULT']._serialized_end=690
-  _globals['_ENCODEBATCHRESPONSE']._serialized_start=692
-  _globals['_ENCODEBATCHRESPONSE']._serialized_end=757
-  _globals['_MODELINFOREQUEST']._serialized_start=759
-  _globals['_MODELINFOREQUEST']._serialized_end=777
-  _globals['_MODELDESCRIPTION']._serialized_start=780
-  _globals['_MODELDESCRIPTION']._serialized_end=983
-  _globals['_MODELINFORESPONSE']._serialized_start=985
-  _globals['_MODELINFORESPONSE']._serialized_end=1051
-  _globals['_ENCODERSERVICE']._serialized_start=1159
-  _globals['_ENCODERSERVICE']._serialized_end=1400
+  _globals['_ENCODING']._serialized_end=450
+  _globals['_ENCODERESPONSE']._serialized_start=452
+  _globals['_ENCODERESPONSE']._serialized_end=509
+  _globals['_ENCODEBATCHREQUEST']._serialized_start=511
+  _globals['_ENCODEBATCHREQUEST']._serialized_end=591
+  _globals['_ITEMERROR']._serialized_start=593
+  _globals['_ITEMERROR']._serialized_end=635
+  _globals['_ENCODERESULT']._serialized_start=637
+  _globals['_ENCODERESULT']._serialized_end=745
+  _globals['_ENCODEBATCHRESPONSE']._serialized_start=747
+  _globals['_ENCODEBATCHRESPONSE']._serialized_end=812
+  _globals['_MODELINFOREQUEST']._serialized_start=814
+  _globals['_MODELINFOREQUEST']._serialized_end=832
+  _globals['_MODELDESCRIPTION']._serialized_start=835
+  _globals['_MODELDESCRIPTION']._serialized_end=1038
+  _globals['_MODELINFORESPONSE']._serialized_start=1040
+  _globals['_MODELINFORESPONSE']._serialized_end=1106
+  _globals['_ENCODERSERVICE']._serialized_start=1252
+  _globals['_ENCODERSERVICE']._serialized_end=1493
 # @@protoc_insertion_point(module_scope)

@@ -13,9 +13,11 @@ class EncodeOutput(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODE_OUTPUT_UNSPECIFIED: _ClassVar[EncodeOutput]
     ENCODE_OUTPUT_DETECTION: _ClassVar[EncodeOutput]
     ENCODE_OUTPUT_RETRIEVAL: _ClassVar[EncodeOutput]
+    ENCODE_OUTPUT_DETECTION_TRIMMED: _ClassVar[EncodeOutput]
 ENCODE_OUTPUT_UNSPECIFIED: EncodeOutput
 ENCODE_OUTPUT_DETECTION: EncodeOutput
 ENCODE_OUTPUT_RETRIEVAL: EncodeOutput
+ENCODE_OUTPUT_DETECTION_TRIMMED: EncodeOutput
 
 class EncodeRequest(_message.Message):
     __slots__ = ("image", "outputs")
@@ -26,7 +28,7 @@ class EncodeRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., outputs: _Optional[_Iterable[_Union[EncodeOutput, str]]] = ...) -> None: ...
 
 class Encoding(_message.Message):
-    __slots__ = ("detection", "embedding", "retrieval", "detection_model", "retrieval_model", "width", "height")
+    __slots__ = ("detection", "embedding", "retrieval", "detection_model", "retrieval_model", "width", "height", "trimmed_detection")
     DETECTION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +36,7 @@ class Encoding(_message.Message):
     RETRIEVAL_MODEL_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TRIMMED_DETECTION_FIELD_NUMBER: _ClassVar[int]
     detection: _common_pb2.DetectionKeys
     embedding: _containers.RepeatedScalarFieldContainer[float]
     retrieval: _common_pb2.RetrievalCode
@@ -41,7 +44,8 @@ class Encoding(_message.Message):
     retrieval_model: _common_pb2.ModelRef
     width: int
     height: int
-    def __init__(self, detection: _Optional[_Union[_common_pb2.DetectionKeys, _Mapping]] = ..., embedding: _Optional[_Iterable[float]] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalCode, _Mapping]] = ..., detection_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., retrieval_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    trimmed_detection: _common_pb2.DetectionKeys
+    def __init__(self, detection: _Optional[_Union[_common_pb2.DetectionKeys, _Mapping]] = ..., embedding: _Optional[_Iterable[float]] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalCode, _Mapping]] = ..., detection_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., retrieval_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., trimmed_detection: _Optional[_Union[_common_pb2.DetectionKeys, _Mapping]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("encoding",)

@@ -63,7 +63,7 @@ class Candidate(_message.Message):
     def __init__(self, id: _Optional[str] = ..., hamming: _Optional[int] = ..., cosine: _Optional[float] = ...) -> None: ...
 
 class DetectionEvidence(_message.Message):
-    __slots__ = ("stage", "stage1_candidates", "stage2_candidates", "thresholds", "top_candidates", "model", "searched", "shards")
+    __slots__ = ("stage", "stage1_candidates", "stage2_candidates", "thresholds", "top_candidates", "model", "searched", "shards", "trimmed")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STAGE1_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     STAGE2_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class DetectionEvidence(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEARCHED_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TRIMMED_FIELD_NUMBER: _ClassVar[int]
     stage: DecisionStage
     stage1_candidates: int
     stage2_candidates: int
@@ -80,7 +81,8 @@ class DetectionEvidence(_message.Message):
     model: _common_pb2.ModelRef
     searched: int
     shards: int
-    def __init__(self, stage: _Optional[_Union[DecisionStage, str]] = ..., stage1_candidates: _Optional[int] = ..., stage2_candidates: _Optional[int] = ..., thresholds: _Optional[_Union[_common_pb2.Thresholds, _Mapping]] = ..., top_candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., searched: _Optional[int] = ..., shards: _Optional[int] = ...) -> None: ...
+    trimmed: bool
+    def __init__(self, stage: _Optional[_Union[DecisionStage, str]] = ..., stage1_candidates: _Optional[int] = ..., stage2_candidates: _Optional[int] = ..., thresholds: _Optional[_Union[_common_pb2.Thresholds, _Mapping]] = ..., top_candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., searched: _Optional[int] = ..., shards: _Optional[int] = ..., trimmed: _Optional[bool] = ...) -> None: ...
 
 class RegisteredMatch(_message.Message):
     __slots__ = ("collection", "id", "metadata", "hamming", "cosine")

@@ -24,7 +24,13 @@ from copyfree_encoder.app import EncoderApp, serve
 from copyfree_encoder.model import EncodedImage
 from copyfree_encoder.servicer import ENCODER_SERVICE_NAME
 from copyfree_encoder.settings import EncoderSettings
-from tests.utils.images import jpeg_copy, make_image_bytes
+from tests.utils.images import (
+    encode,
+    framed,
+    jpeg_copy,
+    make_image_bytes,
+    make_picture,
+)
 from tests.utils.tiny_bundles import (
     DETECTION_NAME,
     RETRIEVAL_NAME,
@@ -294,6 +300,57 @@ async def test_encode_batch_keeps_order_and_reports_bad_items(
             assert result.encoding == single.encoding
     assert "empty" in reply.results[3].error.message
     assert "not a JPEG" in reply.results[11].error.message
+
+
+TRIMMED = [
+    encoder_pb2.ENCODE_OUTPUT_DETECTION,
+    encoder_pb2.ENCODE_OUTPUT_DETECTION_TRIMMED,
+]
+
+
+async def test_a_framed_copy_has_trimmed_keys_equal_to_the_original(
+    stub: encoder_pb2_grpc.EncoderServiceStub,
+) -> None:
+    picture = make_picture(7)
+    original = encode(picture)
+    copy = encode(framed(picture, (30, 10, 30, 10)))
+
+    async def keys(data: bytes, outputs: list[int]) -> encoder_pb2.Encoding:
+        request = encoder_pb2.EncodeRequest(image=data, outputs=outputs)
+        return (await stub.Encode(request, timeout=5)).encoding
+
+    plain = await keys(original, TRIMMED)
+    both = await keys(copy, TRIMMED)
+    assert not plain.HasField("trimmed_detection")  # no border, no second view
+    assert both.HasField("trimmed_detection")
+    assert both.trimmed_detection == plain.detection
+    assert both.detection != plain.detection
+    assert both.width == picture.width + 60  # the image's own size, not the view's
+    as_asked = await keys(copy, [encoder_pb2.ENCODE_OUTPUT_DETECTION])
+    assert not as_asked.HasField("trimmed_detection")
+    assert as_asked.detection == both.detection
+
+
+async def test_encode_batch_gives_trimmed_keys_item_by_item(
+    stub: encoder_pb2_grpc.EncoderServiceStub,
+) -> None:
+    images = [
+        encode(framed(make_picture(s))) if s % 2 else make_image_bytes(s)
+        for s in range(6)
+    ]
+    images[2] = b"not an image"
+    reply = await stub.EncodeBatch(
+        encoder_pb2.EncodeBatchRequest(images=images, outputs=TRIMMED), timeout=10
+    )
+    assert reply.results[2].WhichOneof("result") == "error"
+    for i, result in enumerate(reply.results):
+        if i == 2:
+            continue
+        single = await stub.Encode(
+            encoder_pb2.EncodeRequest(image=images[i], outputs=TRIMMED), timeout=5
+        )
+        assert result.encoding == single.encoding
+        assert result.encoding.HasField("trimmed_detection") == bool(i % 2)
 
 
 async def test_encode_batch_limits_its_size(

@@ -6,7 +6,9 @@ loopback ports in this process."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,7 +16,7 @@ import pytest_asyncio
 
 from copyfree.bundle import Thresholds
 from copyfree.serving.server import RunningServer, start_server
-from copyfree.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from copyfree.v1 import common_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from copyfree_encoder.app import EncoderApp
 from copyfree_encoder.settings import EncoderSettings
 from copyfree_gateway.__main__ import start as start_gateway
@@ -39,26 +41,28 @@ STRICT = Thresholds(
 @dataclass
 class Stack:
     gateway: gateway_pb2_grpc.GatewayServiceStub
+    encoder: encoder_pb2_grpc.EncoderServiceStub
     images: dict[str, bytes]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(
-    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProcess
+@asynccontextmanager
+async def running_stack(
+    root: Path, redis_url: str, thresholds: Thresholds, registered: bytes
 ) -> AsyncIterator[Stack]:
-    root = tmp_path_factory.mktemp("thresholds")
+    """Encoder (tiny bundles, the detection one with `thresholds`), one index shard,
+    gateway; `registered` is in the registry as "work"."""
     encoder = await EncoderApp.start(
         EncoderSettings(
             host="127.0.0.1",
             port=0,
-            detection_bundle=make_detection_bundle(root / "det", thresholds=STRICT),
+            detection_bundle=make_detection_bundle(root / "det", thresholds=thresholds),
             retrieval_bundle=make_retrieval_bundle(root / "ret", bits=16),
             providers="cpu",
             batch_wait_ms=1.0,
         )
     )
     await encoder.load()
-    store = RedisShardStore.from_url(redis_server.url, shard_id=0)
+    store = RedisShardStore.from_url(redis_url, shard_id=0)
     index_settings = IndexSettings(host="127.0.0.1", port=0, shard_id=0, num_shards=1)
     servicer = IndexServicer(ShardIndex(), store, index_settings)
     index: RunningServer = await start_server(index_settings, [as_service(servicer)])
@@ -74,11 +78,11 @@ async def stack(
         )
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
+    encoder_channel = grpc.aio.insecure_channel(f"127.0.0.1:{encoder.port}")
     stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-    images = {"work": make_image_bytes(1), "other": make_image_bytes(2)}
     for collection, kind, image_id, image in (
-        ("registry", common_pb2.COLLECTION_KIND_REGISTRY, "work", images["work"]),
-        ("copyright-free", common_pb2.COLLECTION_KIND_COPYRIGHT_FREE, "free", b""),
+        ("registry", common_pb2.COLLECTION_KIND_REGISTRY, "work", registered),
+        ("copyright-free", common_pb2.COLLECTION_KIND_COPYRIGHT_FREE, "free", None),
     ):
         request = gateway_pb2.RegisterRequest(
             collection=collection,
@@ -88,13 +92,32 @@ async def stack(
         )
         reply = await stub.Register(iter([request]), timeout=30)
         assert reply.registered == 1
-    yield Stack(stub, images)
-    await channel.close()
-    await gateway.stop()
-    await gateway_servicer.close()
-    await index.stop()
-    await encoder.stop()
-    store.close()
+    try:
+        yield Stack(
+            stub,
+            encoder_pb2_grpc.EncoderServiceStub(encoder_channel),
+            {"work": registered},
+        )
+    finally:
+        await channel.close()
+        await encoder_channel.close()
+        await gateway.stop()
+        await gateway_servicer.close()
+        await index.stop()
+        await encoder.stop()
+        store.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProcess
+) -> AsyncIterator[Stack]:
+    root = tmp_path_factory.mktemp("thresholds")
+    async with running_stack(
+        root, redis_server.url, STRICT, make_image_bytes(1)
+    ) as running:
+        running.images["other"] = make_image_bytes(2)
+        yield running
 
 
 async def test_the_bundle_requires_the_second_key_for_a_unique_candidate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from copyfree.v1 import common_pb2, gateway_pb2, index_pb2
-from copyfree_gateway.decision import decide, merge_similar
+from copyfree_gateway.decision import decide, merge_similar, with_trimmed_view
 
 T = common_pb2.Thresholds(max_hamming=12, min_cosine=0.9, fallback_k=16)
 
@@ -43,6 +43,17 @@ def test_candidates_across_shards_pick_highest_cosine() -> None:
 def test_best_cosine_below_threshold_is_no_match() -> None:
     d = decide([shard([cand("a", 2, 0.89), cand("b", 3, 0.5)])], T)
     assert d.matched is None and d.stage1_count == 2
+
+
+def test_the_trimmed_view_answers_only_when_the_image_as_is_matched_nothing() -> None:
+    as_is_match = decide([shard([cand("a", 1, 0.95)])], T)
+    as_is_none = decide([shard([cand("a", 1, 0.5), cand("b", 2, 0.4)])], T)
+    view_match = decide([shard([cand("b", 0, 0.99)])], T)
+    view_none = decide([shard()], T)
+    assert with_trimmed_view(as_is_match, view_match) == (as_is_match, False)
+    assert with_trimmed_view(as_is_none, view_match) == (view_match, True)
+    assert with_trimmed_view(as_is_none, view_none) == (as_is_none, False)
+    assert with_trimmed_view(as_is_none, None) == (as_is_none, False)
 
 
 def test_fallback_uses_global_k_nearest() -> None:
