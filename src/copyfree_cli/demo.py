@@ -27,6 +27,7 @@ from copyfree_cli.stack import LocalStack, StackConfig
 GRAY_JPEG_QUALITY = 75
 CROP_KEEP = 0.9  # centre crop keeping 90% of each side
 CROP_JPEG_QUALITY = 50
+SLIDE_JPEG_QUALITY = 85
 
 
 def generate_images(folder: Path, count: int, seed: int = 7) -> Path:
@@ -76,6 +77,19 @@ def cropped_copy(path: Path) -> bytes:
     dw, dh = round(w * (1 - CROP_KEEP) / 2), round(h * (1 - CROP_KEEP) / 2)
     buf = io.BytesIO()
     image.crop((dw, dh, w - dw, h - dh)).save(buf, "JPEG", quality=CROP_JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def slide_copy(path: Path) -> bytes:
+    """Pasted on a white 16:9 slide with wide margins and saved as JPEG."""
+    image = Image.open(path).convert("RGB")
+    w, h = image.size
+    height = round(h * 1.3)
+    width = max(round(height * 16 / 9), w + 2 * round(w * 0.1))
+    slide = Image.new("RGB", (width, height), (255, 255, 255))
+    slide.paste(image, ((width - w) // 2, (height - h) // 2))
+    buf = io.BytesIO()
+    slide.save(buf, "JPEG", quality=SLIDE_JPEG_QUALITY)
     return buf.getvalue()
 
 
@@ -141,6 +155,10 @@ def run_demo(ns: argparse.Namespace) -> int:
             (
                 f"cropped copy of {target.item_id} (90% crop, JPEG q=50)",
                 cropped_copy(target.path),
+            ),
+            (
+                f"slide copy of {target.item_id} (white margins, JPEG q=85)",
+                slide_copy(target.path),
             ),
             (
                 f"unregistered image {unregistered.item_id}",
