@@ -4,6 +4,7 @@ bytes -> decoded RGB (EXIF applied, alpha on white, size limits) -> model input.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -133,31 +134,72 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
-# Border trimming: a line (row or column) belongs to a uniform border when at least
-# BORDER_LINE_SHARE of its pixels are within BORDER_FUZZ grey levels (every channel) of
-# the colour of the outermost line on that side, as they are or after a 3x3 median
-# (the median forgives JPEG ringing and noise; the raw pixels keep the edge exact).
-# Judged on a copy at most BORDER_PROBE pixels on its longer side.
-BORDER_PROBE = 256
+# Border trimming. A line (row or column) belongs to a uniform border when at least
+# BORDER_LINE_SHARE of its pixels are within BORDER_FUZZ levels (every channel) of the
+# colour of the outermost line on that side, as they are or after a 3x3 median (the
+# median forgives JPEG ringing and noise). Lines are judged on a copy at most
+# BORDER_PROBE pixels on its longer side, from each edge inwards up to the first line
+# that is not border; each edge is then placed to the pixel on the image itself (raw
+# pixels, the few lines around the probe's estimate).
+BORDER_PROBE = 128
 BORDER_FUZZ = 24
 BORDER_LINE_SHARE = 0.98
 BORDER_MAX_SIDE = 0.45  # never trim more than this share of the image from one side
 BORDER_MIN_SIDE = 8  # pixels left on each axis, or the image is left as it is
+_BORDER_BLOCK = 8  # lines judged per numpy step (a border is usually a few of them)
+
+Lines = NDArray[np.int16]  # (lines, pixels, 3), outermost line first
 
 
-def _uniform_lines(lines: NDArray[np.int16], smooth: NDArray[np.int16]) -> int | None:
-    """How many of `lines` (outermost first, each (n, 3); `smooth` the same after the
-    median) form a uniform border, at most BORDER_MAX_SIDE of them; None when every
-    line is uniform (a flat image is all background, not a border)."""
-    background = np.median(lines[0], axis=0)
-    close = (np.abs(lines - background).max(axis=2) <= BORDER_FUZZ) | (
-        np.abs(smooth - background).max(axis=2) <= BORDER_FUZZ
-    )
-    close = close.mean(axis=1)
-    not_border = np.flatnonzero(close < BORDER_LINE_SHARE)
-    if not not_border.size:
+def _border_run(raw: Lines, smooth: Lines | None, background: NDArray[Any]) -> int:
+    """How many leading lines are border; len(raw) when all of them are."""
+    for start in range(0, len(raw), _BORDER_BLOCK):
+        block = slice(start, start + _BORDER_BLOCK)
+        close = np.abs(raw[block] - background).max(axis=2) <= BORDER_FUZZ
+        if smooth is not None:
+            close |= np.abs(smooth[block] - background).max(axis=2) <= BORDER_FUZZ
+        not_border = np.flatnonzero(close.mean(axis=1) < BORDER_LINE_SHARE)
+        if not_border.size:
+            return start + int(not_border[0])
+    return len(raw)
+
+
+def _side(
+    image: Image.Image,
+    probe: tuple[Lines, Lines],
+    side: str,
+    span: tuple[int, int],
+) -> int | None:
+    """Border width in image pixels on `side` ("top", "bottom", "left", "right"),
+    across `span` (the image's columns for top/bottom, rows for left/right); None when
+    the probe is uniform all the way across (a flat image, not a border)."""
+    raw, smooth = probe
+    background = np.median(raw[0], axis=0)
+    run = _border_run(raw, smooth, background)
+    if run == len(raw):
         return None
-    return min(int(not_border[0]), int(BORDER_MAX_SIDE * len(lines)))
+    if run == 0:
+        return 0
+    along = image.height if side in ("top", "bottom") else image.width
+    scale = along / len(raw)
+    limit = int(BORDER_MAX_SIDE * along)
+    lo = max(0, round(run * scale) - math.ceil(scale) - 1)
+    hi = min(limit, round(run * scale) + math.ceil(scale) + 1)
+    if lo >= hi:
+        return limit
+    a, b = span
+    window = {
+        "top": (a, lo, b, hi),
+        "bottom": (a, along - hi, b, along - lo),
+        "left": (lo, a, hi, b),
+        "right": (along - hi, a, along - lo, b),
+    }[side]
+    lines = np.asarray(image.crop(window), dtype=np.int16)
+    if side in ("left", "right"):
+        lines = lines.transpose(1, 0, 2)
+    if side in ("bottom", "right"):
+        lines = lines[::-1]
+    return lo + _border_run(lines, None, background)
 
 
 def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
@@ -165,29 +207,32 @@ def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
     margin, letterbox, screenshot background), or None when there is none to trim.
 
     Each side has its own background colour (the median of its outermost line); top
-    and bottom are found first, left and right on the rows between them."""
+    and bottom are found first, left and right on the rows between them. A border
+    thinner than one probe pixel (1/BORDER_PROBE of the longer side) is left: it
+    barely moves the model's input."""
+    image = image.convert("RGB")
     width, height = image.size
-    probe = image.convert("RGB")
-    probe.thumbnail((BORDER_PROBE, BORDER_PROBE), Image.Resampling.BILINEAR)
-    a = np.asarray(probe, dtype=np.int16)
-    m = np.asarray(probe.filter(ImageFilter.MedianFilter(3)), dtype=np.int16)
-    top, bottom = _uniform_lines(a, m), _uniform_lines(a[::-1], m[::-1])
-    if top is None or bottom is None:
+    small = image.copy()
+    small.thumbnail((BORDER_PROBE, BORDER_PROBE), Image.Resampling.BILINEAR)
+    raw = np.asarray(small, dtype=np.int16)
+    smooth = np.asarray(small.filter(ImageFilter.MedianFilter(3)), dtype=np.int16)
+    top = _side(image, (raw, smooth), "top", (0, width))
+    bottom = _side(image, (raw[::-1], smooth[::-1]), "bottom", (0, width))
+    if top is None or bottom is None or top + bottom >= height - BORDER_MIN_SIDE:
         return None
-    a, m = (x[top : x.shape[0] - bottom].transpose(1, 0, 2) for x in (a, m))
-    left, right = _uniform_lines(a, m), _uniform_lines(a[::-1], m[::-1])
-    if left is None or right is None or top == bottom == left == right == 0:
-        return None
-    sx, sy = width / probe.width, height / probe.height
-    box = (
-        round(left * sx),
-        round(top * sy),
-        width - round(right * sx),
-        height - round(bottom * sy),
+    # Left and right over the rows between the top and bottom borders.
+    t = math.ceil(top * small.height / height)
+    b = small.height - math.ceil(bottom * small.height / height)
+    cols = (raw[t:b].transpose(1, 0, 2), smooth[t:b].transpose(1, 0, 2))
+    left = _side(image, cols, "left", (top, height - bottom))
+    right = _side(
+        image, (cols[0][::-1], cols[1][::-1]), "right", (top, height - bottom)
     )
-    if box[2] - box[0] < BORDER_MIN_SIDE or box[3] - box[1] < BORDER_MIN_SIDE:
+    if left is None or right is None or left + right >= width - BORDER_MIN_SIDE:
         return None
-    return box
+    if top == bottom == left == right == 0:
+        return None
+    return (left, top, width - right, height - bottom)
 
 
 def trim_border(image: Image.Image) -> Image.Image | None:

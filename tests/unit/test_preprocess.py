@@ -11,7 +11,6 @@ from PIL import Image
 from copyfree.errors import InvalidInput
 from copyfree.preprocess import (
     BORDER_MAX_SIDE,
-    BORDER_PROBE,
     PreprocessSpec,
     border_box,
     decode,
@@ -97,13 +96,17 @@ def test_spec_round_trips_through_dict() -> None:
         ((16, 16, 16, 16), (255, 255, 255)),  # a white frame
         ((0, 30, 0, 30), (0, 0, 0)),  # letterbox
         ((40, 0, 40, 0), (12, 80, 200)),  # pillarbox on a coloured slide
-        ((5, 20, 60, 9), (255, 255, 255)),  # uneven margins
+        ((20, 40, 90, 30), (255, 255, 255)),  # uneven margins
     ],
 )
+@pytest.mark.parametrize("size", [(160, 120), (900, 700)])
 def test_border_box_finds_the_picture_inside_a_border(
-    sides: tuple[int, int, int, int], colour: tuple[int, int, int]
+    sides: tuple[int, int, int, int],
+    colour: tuple[int, int, int],
+    size: tuple[int, int],
 ) -> None:
-    picture = make_picture(3)
+    """To the pixel, also when the image is many times the probe's size."""
+    picture = make_picture(3, size)
     copy = framed(picture, sides, colour)
     left, top, _, _ = sides
     assert border_box(copy) == (
@@ -144,6 +147,5 @@ def test_at_most_a_share_of_each_side_is_trimmed() -> None:
     copy = framed(make_picture(6, (40, 40)), (400, 400, 400, 400))
     box = border_box(copy)
     assert box is not None
-    limit = int(BORDER_MAX_SIDE * BORDER_PROBE)
-    scale = copy.width / BORDER_PROBE
-    assert box[0] == round(limit * scale) and box[1] == round(limit * scale)
+    limit = int(BORDER_MAX_SIDE * copy.width)
+    assert box[:2] == (limit, limit)

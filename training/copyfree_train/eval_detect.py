@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from copyfree import preprocess
 from copyfree.bundle import (
     DETECTION_OUTPUTS,
     INPUT_NAME,
@@ -343,7 +344,10 @@ class BundleHasher(Hasher):
         )
 
     def ident(self) -> str:
-        return f"keys|{self.manifest.version}|trimmed"
+        # The preprocessing module's source: a change to the input or the border trim
+        # changes the keys, so it must not be served from the cache.
+        source = hashlib.blake2b(Path(preprocess.__file__).read_bytes(), digest_size=6)
+        return f"keys|{self.manifest.version}|trimmed|{source.hexdigest()}"
 
     def _keys(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         x = np.stack([to_input(im, self.manifest.preprocess) for im in images])

@@ -29,7 +29,7 @@ WITH_VIEW = Thresholds(
     require_second_key=True,
     trimmed_view=True,
 )
-WORK = make_picture(21)  # 160x120: framed, it stays under the trim probe size (exact)
+WORK = make_picture(21)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
