@@ -23,7 +23,7 @@ from copyfree_cli.stack import LocalStack, StackConfig
 # Two teacher edits. A grayscale re-save (printing for class) is easy: the attack
 # report's gray and JPEG families are detected 100 % at the shipped thresholds. A 90 %
 # crop re-saved at q50 is hard: crops are detected 25 % of the time there
-# (docs/detection-report.md); this one passes narrowly (cosine 0.984 >= 0.9775).
+# (docs/detection-report.md); this one passes narrowly (cosine 0.984 >= 0.98).
 GRAY_JPEG_QUALITY = 75
 CROP_KEEP = 0.9  # centre crop keeping 90% of each side
 CROP_JPEG_QUALITY = 50
