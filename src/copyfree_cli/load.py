@@ -329,16 +329,20 @@ class Client:
 
         kw, t, n = self._kw(), self.target, len(self.images)
 
-        outputs = [DETECTION]
+        second_outputs = [RETRIEVAL]
         if self.thresholds.trimmed_view:
-            outputs.append(DETECTION_TRIMMED)
+            second_outputs.append(DETECTION_TRIMMED)
+
+        async def encode(image: bytes, outputs: list[int]) -> encoder_pb2.Encoding:
+            request = encoder_pb2.EncodeRequest(image=image, outputs=outputs)
+            return (await enc.Encode(request, **kw)).encoding
 
         async def detect(
-            e: encoder_pb2.Encoding, keys: common_pb2.DetectionKeys
+            model: common_pb2.ModelRef, keys: common_pb2.DetectionKeys
         ) -> Decision:
             detect = index_pb2.DetectRequest(
                 collection=t.registry,
-                model=e.detection_model,
+                model=model,
                 query=keys,
                 max_hamming=self.thresholds.max_hamming,
                 fallback_k=self.thresholds.fallback_k,
@@ -352,23 +356,18 @@ class Client:
             )
 
         async def direct_check(i: int) -> None:
+            """The gateway's Check plan (GatewayServicer.Check), called directly."""
             image = self.images[i % n]
-            e = (
-                await enc.Encode(
-                    encoder_pb2.EncodeRequest(image=image, outputs=outputs), **kw
-                )
-            ).encoding
-            as_is = await detect(e, e.detection)
+            e = await encode(image, [DETECTION])
+            as_is = await detect(e.detection_model, e.detection)
+            if as_is.matched is not None:
+                return
+            r = await encode(image, second_outputs)
             trimmed = None
-            if as_is.matched is None and e.HasField("trimmed_detection"):
-                trimmed = await detect(e, e.trimmed_detection)
+            if r.HasField("trimmed_detection"):
+                trimmed = await detect(e.detection_model, r.trimmed_detection)
             if with_trimmed_view(as_is, trimmed)[0].matched is not None:
                 return
-            r = (
-                await enc.Encode(
-                    encoder_pb2.EncodeRequest(image=image, outputs=[RETRIEVAL]), **kw
-                )
-            ).encoding
             similar = index_pb2.SimilarRequest(
                 collection=t.copyright_free,
                 model=r.retrieval_model,

@@ -408,7 +408,8 @@ class Encoder:
     ) -> Prepared:
         """Decode (limits, EXIF, alpha on white), preprocess for each requested model;
         with `trimmed`, also the detection input of the image without its uniform
-        border (copyfree.preprocess.trim_border), when it has one.
+        border (copyfree.preprocess.trim_border), when it has one. (The detection
+        model must be loaded for that: Outputs checks it.)
 
         Raises InvalidInput for anything wrong with the bytes."""
         try:
@@ -427,7 +428,7 @@ class Encoder:
         inputs = {
             kind: to_input(image, self.model(kind).spec) for kind in sorted(outputs)
         }
-        inner = trim_border(image) if trimmed and "detection" in outputs else None
+        inner = trim_border(image) if trimmed else None
         return Prepared(
             width=image.width,
             height=image.height,

@@ -26,28 +26,32 @@ BATCH_REQUEST_FACTOR = 8  # EncodeBatch takes up to max_batch * 8 images per req
 
 _OUTPUT_KINDS: dict[int, Kind] = {
     encoder_pb2.ENCODE_OUTPUT_DETECTION: "detection",
-    encoder_pb2.ENCODE_OUTPUT_DETECTION_TRIMMED: "detection",
     encoder_pb2.ENCODE_OUTPUT_RETRIEVAL: "retrieval",
 }
+TRIMMED = encoder_pb2.ENCODE_OUTPUT_DETECTION_TRIMMED
 
 
 @dataclass(frozen=True)
 class Outputs:
-    kinds: list[Kind]
-    trimmed: bool  # also the keys of the image without its uniform border
+    kinds: frozenset[Kind]  # models to run on the image as is
+    trimmed: bool  # the detection keys of the image without its uniform border
 
 
-def parse_outputs(values: Sequence[int]) -> Outputs:
-    """EncodeOutput values -> kinds; UNSPECIFIED is ignored, unknown numbers refused."""
+def parse_outputs(encoder: Encoder, values: Sequence[int]) -> Outputs:
+    """EncodeOutput values -> what to run; UNSPECIFIED is ignored, unknown numbers are
+    refused, none at all means every loaded model; FailedPrecondition for a model
+    this encoder has not loaded."""
     kinds: list[Kind] = []
     for i, value in enumerate(values):
-        if value == encoder_pb2.ENCODE_OUTPUT_UNSPECIFIED:
+        if value in (encoder_pb2.ENCODE_OUTPUT_UNSPECIFIED, TRIMMED):
             continue
         if value not in _OUTPUT_KINDS:
             raise InvalidInput(f"outputs[{i}] = {value} is not a known EncodeOutput")
         kinds.append(_OUTPUT_KINDS[value])
-    trimmed = encoder_pb2.ENCODE_OUTPUT_DETECTION_TRIMMED in values
-    return Outputs(kinds, trimmed)
+    if TRIMMED not in values:
+        return Outputs(encoder.resolve_outputs(kinds), False)
+    encoder.model("detection")
+    return Outputs(encoder.resolve_outputs(kinds) if kinds else frozenset(), True)
 
 
 def model_ref(model: BundleModel) -> common_pb2.ModelRef:
@@ -108,10 +112,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self, request: encoder_pb2.EncodeRequest, context: ServicerContext
     ) -> encoder_pb2.EncodeResponse:
         encoder, batcher = self._ready()
-        outputs = parse_outputs(request.outputs)
-        kinds = encoder.resolve_outputs(outputs.kinds)
+        outputs = parse_outputs(encoder, request.outputs)
         prepared = await asyncio.to_thread(
-            encoder.prepare, request.image, kinds, trimmed=outputs.trimmed
+            encoder.prepare, request.image, outputs.kinds, trimmed=outputs.trimmed
         )
         encoded = await batcher.submit_many(_with_trimmed([prepared]))
         return encoder_pb2.EncodeResponse(
@@ -127,13 +130,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             raise InvalidInput(
                 f"images holds {len(request.images)} images, the limit is {limit}"
             )
-        outputs = parse_outputs(request.outputs)
-        kinds = encoder.resolve_outputs(outputs.kinds)
+        outputs = parse_outputs(encoder, request.outputs)
 
         async def prepare_one(data: bytes) -> Prepared | InvalidInput:
             try:
                 return await asyncio.to_thread(
-                    encoder.prepare, data, kinds, trimmed=outputs.trimmed
+                    encoder.prepare, data, outputs.kinds, trimmed=outputs.trimmed
                 )
             except InvalidInput as e:
                 return e
@@ -165,17 +167,19 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     ) -> encoder_pb2.Encoding:
         """The Encoding of `item`, taking its results (and its trimmed view's) from
         `encoded`, in the order _with_trimmed() submitted them."""
-        e = next(encoded)
-        encoding = encoder_pb2.Encoding(width=e.width, height=e.height)
+        encoding = encoder_pb2.Encoding(width=item.width, height=item.height)
         det, ret = encoder.detection, encoder.retrieval
-        if det is not None and e.first_key is not None and e.second_key is not None:
+        e = next(encoded) if item.inputs else None
+        if e is not None and det is not None and e.second_key is not None:
             encoding.detection.CopyFrom(_keys(e))
             if e.embedding is not None:
                 encoding.embedding.extend(e.embedding.tolist())
             encoding.detection_model.CopyFrom(model_ref(det))
-        if item.trimmed is not None:
+        if item.trimmed is not None and det is not None:
             encoding.trimmed_detection.CopyFrom(_keys(next(encoded)))
-        if ret is not None and e.code is not None and e.fine is not None:
+            encoding.detection_model.CopyFrom(model_ref(det))
+        if e is not None and ret is not None and e.code is not None:
+            assert e.fine is not None
             encoding.retrieval.CopyFrom(
                 common_pb2.RetrievalCode(
                     code=e.code,
@@ -188,10 +192,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
 
 def _with_trimmed(items: Sequence[Prepared]) -> list[Prepared]:
-    """Each item followed by its trimmed view, if any: one model run for both."""
+    """Each item (unless it asked only for a trimmed view) followed by its trimmed
+    view, if any: one model run for both."""
     out: list[Prepared] = []
     for item in items:
-        out.append(item)
+        if item.inputs:
+            out.append(item)
         if item.trimmed is not None:
             out.append(item.trimmed)
     return out

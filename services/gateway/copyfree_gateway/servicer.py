@@ -1,5 +1,7 @@
-"""GatewayServicer: Check (encode -> detect on every shard -> decide -> recommend when
-unverified), Register (streaming bulk ingest), Recommend, Delete, Stats, ModelInfo."""
+"""GatewayServicer: Check (encode -> detect on every shard -> decide; when nothing
+matched, one more encode for the border-trimmed view and the retrieval code -> detect
+the view -> recommend when still unverified), Register (streaming bulk ingest),
+Recommend, Delete, Stats, ModelInfo."""
 
 from __future__ import annotations
 
@@ -98,13 +100,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if m.kind == "detection":
                 self._bundle_thresholds[m.model.version] = m.thresholds
 
-    async def _trimmed_view_wanted(self) -> bool:
-        """Whether a loaded detection bundle searches the trimmed view (then Check asks
-        the encoder for its keys along with the image's)."""
-        if not self._bundle_thresholds:
-            await self._load_bundle_thresholds()
-        return any(t.trimmed_view for t in self._bundle_thresholds.values())
-
     async def _thresholds(
         self, model: common_pb2.ModelRef, request: gateway_pb2.CheckRequest
     ) -> common_pb2.Thresholds:
@@ -167,24 +162,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         top_n = self._top_n(request.top_n)
         registry = request.registry or self._settings.registry_collection
         free = request.copyright_free or self._settings.copyright_free_collection
-        outputs = [DETECTION]
-        if await self._trimmed_view_wanted():
-            outputs.append(DETECTION_TRIMMED)
-        encoding = await self._encoder.encode(request.image, outputs)
+        encoding = await self._encoder.encode(request.image, [DETECTION])
         model = encoding.detection_model
         thresholds = await self._thresholds(model, request)
         as_is, searched = await self._detect(
             registry, model, encoding.detection, thresholds
         )
-        trimmed = None
-        if (
-            as_is.matched is None
-            and thresholds.trimmed_view
-            and encoding.HasField("trimmed_detection")
-        ):
-            trimmed, _ = await self._detect(
-                registry, model, encoding.trimmed_detection, thresholds
-            )
+        trimmed, second = None, None
+        if as_is.matched is None:
+            # One more encode for both what may still match (the trimmed view) and
+            # what an UNVERIFIED answer needs (the retrieval code).
+            outputs = [RETRIEVAL]
+            if thresholds.trimmed_view:
+                outputs.append(DETECTION_TRIMMED)
+            second = await self._encoder.encode(request.image, outputs)
+            if second.HasField("trimmed_detection"):
+                trimmed, _ = await self._detect(
+                    registry, model, second.trimmed_detection, thresholds
+                )
         decision, used_trimmed = with_trimmed_view(as_is, trimmed)
         evidence = gateway_pb2.DetectionEvidence(
             stage=decision.stage,
@@ -217,16 +212,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
         else:
             reply.verdict = gateway_pb2.VERDICT_UNVERIFIED
-            recs, model = await self._recommend(request.image, free, top_n)
+            assert second is not None
+            recs = await self._similar(second, free, top_n)
             reply.recommendations.extend(recs)
-            reply.retrieval_model.CopyFrom(model)
+            reply.retrieval_model.CopyFrom(second.retrieval_model)
         CHECK_VERDICTS.labels(gateway_pb2.Verdict.Name(reply.verdict)).inc()
         return reply
 
-    async def _recommend(
-        self, image: bytes, collection: str, top_n: int
-    ) -> tuple[list[gateway_pb2.Recommendation], common_pb2.ModelRef]:
-        encoding = await self._encoder.encode(image, [RETRIEVAL])
+    async def _similar(
+        self, encoding: encoder_pb2.Encoding, collection: str, top_n: int
+    ) -> list[gateway_pb2.Recommendation]:
+        """The top_n of `collection` nearest to the encoding's retrieval code."""
         similar = index_pb2.SimilarRequest(
             collection=collection,
             model=encoding.retrieval_model,
@@ -245,16 +241,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
             for rank, h in enumerate(merge_similar(responses, top_n), start=1)
         ]
-        return recs, encoding.retrieval_model
+        return recs
 
     async def Recommend(
         self, request: gateway_pb2.RecommendRequest, context: ServicerContext
     ) -> gateway_pb2.RecommendResponse:
         top_n = self._top_n(request.top_n)
         free = request.copyright_free or self._settings.copyright_free_collection
-        recs, model = await self._recommend(request.image, free, top_n)
+        encoding = await self._encoder.encode(request.image, [RETRIEVAL])
+        recs = await self._similar(encoding, free, top_n)
         return gateway_pb2.RecommendResponse(
-            recommendations=recs, retrieval_model=model, request_id=request_id.get()
+            recommendations=recs,
+            retrieval_model=encoding.retrieval_model,
+            request_id=request_id.get(),
         )
 
     # ---- Register ------------------------------------------------------------------

@@ -331,6 +331,31 @@ async def test_a_framed_copy_has_trimmed_keys_equal_to_the_original(
     assert as_asked.detection == both.detection
 
 
+async def test_the_trimmed_view_alone_runs_no_other_model(
+    stub: encoder_pb2_grpc.EncoderServiceStub,
+) -> None:
+    """The gateway's second encode of an unmatched image: the trimmed view and the
+    retrieval code, not the detection keys it already has."""
+    picture = make_picture(9)
+    copy = encode(framed(picture))
+    only = encoder_pb2.ENCODE_OUTPUT_DETECTION_TRIMMED
+
+    async def encoding(data: bytes, outputs: list[int]) -> encoder_pb2.Encoding:
+        request = encoder_pb2.EncodeRequest(image=data, outputs=outputs)
+        return (await stub.Encode(request, timeout=5)).encoding
+
+    alone = await encoding(copy, [only])
+    assert alone.HasField("trimmed_detection") and not alone.HasField("detection")
+    assert not alone.HasField("retrieval")
+    assert alone.detection_model.version == TINY_VERSION
+    both = await encoding(copy, [only, encoder_pb2.ENCODE_OUTPUT_RETRIEVAL])
+    assert both.trimmed_detection == alone.trimmed_detection
+    assert both.HasField("retrieval") and not both.HasField("detection")
+    bare = await encoding(encode(picture), [only])  # no border: nothing to run
+    assert not bare.HasField("trimmed_detection") and not bare.HasField("detection")
+    assert (bare.width, bare.height) == picture.size
+
+
 async def test_encode_batch_gives_trimmed_keys_item_by_item(
     stub: encoder_pb2_grpc.EncoderServiceStub,
 ) -> None:
