@@ -14,7 +14,7 @@ from copyfree import errors
 from copyfree.routing import MAX_ID_CHARS, shard_for
 from copyfree.serving import ServicerContext
 from copyfree.serving.logging import request_id
-from copyfree.serving.metrics import CHECK_VERDICTS
+from copyfree.serving.metrics import CHECK_TRIMMED_VIEW, CHECK_VERDICTS
 from copyfree.serving.server import Service
 from copyfree.v1 import (
     common_pb2,
@@ -181,6 +181,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     registry, model, second.trimmed_detection, thresholds
                 )
         decision, used_trimmed = with_trimmed_view(as_is, trimmed)
+        if trimmed is not None:
+            CHECK_TRIMMED_VIEW.labels("matched" if used_trimmed else "unmatched").inc()
         evidence = gateway_pb2.DetectionEvidence(
             stage=decision.stage,
             stage1_candidates=decision.stage1_count,

@@ -32,6 +32,11 @@ MODEL_INFO = Gauge(
     "copyfree_model_info", "Loaded model bundles (value 1)", ["kind", "name", "version"]
 )
 CHECK_VERDICTS = Counter("copyfree_check_verdicts_total", "Check verdicts", ["verdict"])
+CHECK_TRIMMED_VIEW = Counter(
+    "copyfree_check_trimmed_view_total",
+    "Checks that searched the border-trimmed view (the image as is matched nothing)",
+    ["outcome"],  # matched, unmatched
+)
 RPC_REJECTED = Counter(
     "copyfree_rpc_rejected_total",
     "Calls refused before the handler ran, by reason",

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
 from copyfree.bundle import Thresholds
 from copyfree.codes import second_key_from_bytes
@@ -43,6 +44,13 @@ async def stack(
         yield s
 
 
+def _trimmed_view_count(outcome: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "copyfree_check_trimmed_view_total", {"outcome": outcome}
+    )
+    return value or 0.0
+
+
 async def _cosine_as_is(stack: Stack, copy: bytes) -> float:
     """Cosine between the second keys of the copy as is and of the registered work."""
     keys = []
@@ -63,7 +71,9 @@ async def test_a_copy_on_a_slide_is_registered_through_its_trimmed_view(
 ) -> None:
     copy = stack.images["on a slide"]
     assert await _cosine_as_is(stack, copy) < WITH_VIEW.min_cosine  # as is: no match
+    before = _trimmed_view_count("matched")
     reply = await stack.gateway.Check(gateway_pb2.CheckRequest(image=copy), timeout=10)
+    assert _trimmed_view_count("matched") == before + 1
     assert reply.verdict == gateway_pb2.VERDICT_REGISTERED
     assert reply.match.id == "work"
     assert reply.match.cosine == pytest.approx(1.0, abs=1e-4)
@@ -86,4 +96,5 @@ async def test_another_framed_picture_stays_unverified(stack: Stack) -> None:
     )
     assert reply.verdict == gateway_pb2.VERDICT_UNVERIFIED
     assert not reply.evidence.trimmed
+    assert _trimmed_view_count("unmatched") >= 1
     assert len(reply.recommendations) == 1  # the one copyright-free item
