@@ -68,6 +68,10 @@ load: setup ## load-test Check at c=1,8,32 vs encoder+index direct (local stack,
 	$(VENV)/bin/copyfree load --stack --images $(DEV_IMAGES) --call check,direct-check \
 	  --concurrency 1,8,32 --duration $(LOAD_DURATION) --json artifacts/load.json
 
+.PHONY: load-pinned
+load-pinned: setup ## the same, with the gateway and client on CPU 1, the backend on CPU 0 (taskset)
+	bash benchmarks/load_pinned.sh $(DEV_IMAGES)
+
 .PHONY: eval-retrieve
 eval-retrieve: setup-train ## retrieval report: TBH+sim vs TBH vs LSH/ITQ/pHash, 16/32/64 bits (trains missing runs)
 	$(VENV)/bin/copyfree eval retrieve --images $(DEV_IMAGES) --out artifacts/retrieve/eval \
