@@ -146,6 +146,9 @@ BORDER_FUZZ = 24
 BORDER_LINE_SHARE = 0.98
 BORDER_MAX_SIDE = 0.45  # never trim more than this share of the image from one side
 BORDER_MIN_SIDE = 8  # pixels left on each axis, or the image is left as it is
+# Opposite sides whose borders differ by at most this share of the image surround the
+# picture (trim it); more, and the border is a shifted copy's fill (shift it back).
+BORDER_BALANCE = 0.05
 _BORDER_BLOCK = 8  # lines judged per numpy step (a border is usually a few of them)
 
 Lines = NDArray[np.int16]  # (lines, pixels, 3), outermost line first
@@ -236,9 +239,35 @@ def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
 
 
 def trim_border(image: Image.Image) -> Image.Image | None:
-    """The image without its uniform border (see border_box); None when it has none."""
+    """The image with its uniform border (see border_box) undone; None when it has
+    none. A border around the picture (a frame, a slide margin, a letterbox: opposite
+    sides within BORDER_BALANCE of each other) is cropped off. A lopsided one, the
+    fill a shifted copy leaves on one side, is moved to the opposite side on the same
+    canvas, which puts the picture back where the unshifted image has it."""
     box = border_box(image)
-    return None if box is None else image.crop(box)
+    if box is None:
+        return None
+    width, height = image.size
+    left, top = box[0], box[1]
+    right, bottom = width - box[2], height - box[3]
+    if (
+        abs(left - right) <= BORDER_BALANCE * width
+        and abs(top - bottom) <= BORDER_BALANCE * height
+    ):
+        return image.crop(box)
+    rgb = image.convert("RGB")
+    # The fill is the colour of the widest border's outermost line.
+    widest = max(
+        (left, (0, 0, 1, height)),
+        (top, (0, 0, width, 1)),
+        (right, (width - 1, 0, width, height)),
+        (bottom, (0, height - 1, width, height)),
+    )[1]
+    line = np.asarray(rgb.crop(widest)).reshape(-1, 3)
+    fill = tuple(int(v) for v in np.median(line, axis=0))
+    shifted = Image.new("RGB", image.size, fill)
+    shifted.paste(rgb.crop(box), (right, bottom))
+    return shifted
 
 
 def to_input(image: Image.Image, spec: PreprocessSpec) -> NDArray[np.float32]:

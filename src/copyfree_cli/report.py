@@ -43,8 +43,8 @@ def render_check(reply: gateway_pb2.CheckResponse, label: str = "") -> str:
     )
     if ev.trimmed:
         lines.append(
-            "  matched with the image's uniform border (frame, slide margin) trimmed; "
-            "as it is, it matched nothing"
+            "  matched with the image's uniform border (frame, slide margin, shifted "
+            "copy's fill) undone; as it is, it matched nothing"
         )
     if ev.top_candidates:
         best = ", ".join(

@@ -115,9 +115,32 @@ def test_border_box_finds_the_picture_inside_a_border(
         left + picture.width,
         top + picture.height,
     )
-    trimmed = trim_border(copy)
+
+
+@pytest.mark.parametrize(
+    "sides", [(16, 16, 16, 16), (0, 30, 0, 30), (40, 0, 44, 0), (9, 9, 9, 9)]
+)
+def test_a_border_around_the_picture_is_cropped_off(
+    sides: tuple[int, int, int, int],
+) -> None:
+    picture = make_picture(3)
+    trimmed = trim_border(framed(picture, sides, (255, 255, 255)))
     assert trimmed is not None
     assert np.array_equal(np.asarray(trimmed), np.asarray(picture))
+
+
+def test_a_lopsided_border_is_moved_back_across() -> None:
+    """A copy shifted right by 40 pixels with black fill (its right edge pushed off the
+    canvas): the view puts the picture back where it was, black where the lost strip
+    was."""
+    picture = make_picture(3)
+    shifted = Image.new("RGB", picture.size, (0, 0, 0))
+    shifted.paste(picture, (40, 0))
+    view = trim_border(shifted)
+    assert view is not None and view.size == picture.size
+    expected = np.asarray(picture).copy()
+    expected[:, picture.width - 40 :] = 0
+    assert np.array_equal(np.asarray(view), expected)
 
 
 def test_border_box_survives_jpeg_and_large_images() -> None:

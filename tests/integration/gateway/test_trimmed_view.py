@@ -39,7 +39,7 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("trimmed")
     async with running_stack(root, redis_server.url, WITH_VIEW, encode(WORK)) as s:
-        s.images["on a slide"] = encode(framed(WORK, (30, 20, 50, 60)), "PNG")
+        s.images["on a slide"] = encode(framed(WORK, (60, 40, 60, 40)), "PNG")
         s.images["framed other"] = encode(framed(make_picture(22)), "PNG")
         yield s
 
