@@ -167,6 +167,11 @@ def _border_run(raw: Lines, smooth: Lines | None, background: NDArray[Any]) -> i
     return len(raw)
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB, without a copy when it already is (decode's output is)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def _side(
     image: Image.Image,
     probe: tuple[Lines, Lines],
@@ -213,7 +218,7 @@ def border_box(image: Image.Image) -> tuple[int, int, int, int] | None:
     and bottom are found first, left and right on the rows between them. A border
     thinner than one probe pixel (1/BORDER_PROBE of the longer side) is left: it
     barely moves the model's input."""
-    image = image.convert("RGB")
+    image = _rgb(image)
     width, height = image.size
     small = image.copy()
     small.thumbnail((BORDER_PROBE, BORDER_PROBE), Image.Resampling.BILINEAR)
@@ -255,7 +260,7 @@ def trim_border(image: Image.Image) -> Image.Image | None:
         and abs(top - bottom) <= BORDER_BALANCE * height
     ):
         return image.crop(box)
-    rgb = image.convert("RGB")
+    rgb = _rgb(image)
     # The fill is the colour of the widest border's outermost line.
     widest = max(
         (left, (0, 0, 1, height)),

@@ -259,24 +259,25 @@ def collect_picks(
     q: Queries,
     t1_grid: Sequence[int] = T1_GRID,
     k_grid: Sequence[int] = K_GRID,
+    searched: np.ndarray | None = None,
 ) -> Picks:
+    """Picks of every query (of those where `searched` is True; the rest pick
+    nothing), and of the queries' trimmed view where they have one."""
     picks = Picks()
     kmax = max(k_grid)
     n = len(q.truth)
     view = q.trimmed_view()
     if view is not None:
-        picks.trimmed = collect_picks(registry, view, t1_grid, k_grid)
-        assert q.has_trimmed is not None
-        for has in picks.trimmed.has.values():
-            has &= q.has_trimmed
+        picks.trimmed = collect_picks(registry, view, t1_grid, k_grid, q.has_trimmed)
+    rows = range(n) if searched is None else np.flatnonzero(searched)
     for t1 in t1_grid:
         for k in k_grid:
             picks.has[(t1, k)] = np.zeros(n, bool)
             picks.right[(t1, k)] = np.zeros(n, bool)
             picks.cos[(t1, k)] = np.full(n, -2.0, np.float32)
             picks.unique[(t1, k)] = np.zeros(n, bool)
-        for i, (a, b) in enumerate(zip(q.first_keys, q.second_keys, strict=True)):
-            resp = registry.search(a, b, t1, kmax)
+        for i in rows:
+            resp = registry.search(q.first_keys[i], q.second_keys[i], t1, kmax)
             for k in k_grid:
                 t = common_pb2.Thresholds(max_hamming=t1, min_cosine=-1.0, fallback_k=k)
                 d = decide([resp], t)

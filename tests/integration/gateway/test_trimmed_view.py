@@ -16,7 +16,7 @@ from copyfree.bundle import Thresholds
 from copyfree.codes import second_key_from_bytes
 from copyfree.v1 import encoder_pb2, gateway_pb2
 from copyfree_index.embedded_redis import RedisProcess
-from tests.integration.gateway.test_bundle_thresholds import Stack, running_stack
+from tests.integration.gateway.stack import Stack, running_stack
 from tests.utils.images import encode, framed, make_picture
 
 pytestmark = [pytest.mark.redis, pytest.mark.asyncio(loop_scope="module")]
