@@ -142,7 +142,7 @@ class Split:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=Path, default=Path("../shared/datasets/dev"))
-    p.add_argument("--bundle", type=Path, default=Path("models/detect-cvae"))
+    p.add_argument("--bundle", type=Path, default=Path("models/detect-lite0"))
     args = p.parse_args()
     config = E.DetectEvalConfig(
         images=args.images, bundle=args.bundle, hashers=("keys",)

@@ -37,6 +37,9 @@ class Thresholds:
     # Search again with the image's uniform border trimmed when the image as is matches
     # nothing. Off until a calibration that measured it turns it on.
     trimmed_view: bool = False
+    # Stage 2 compares cosine - background_weight * the query's background similarity
+    # (copyfree.background) with min_cosine; 0 (the seed's rule) until calibrated.
+    background_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's "thresholds"; the keys are common.proto Thresholds fields."""
@@ -46,6 +49,7 @@ class Thresholds:
             "fallback_k": self.fallback_k,
             "require_second_key": self.require_second_key,
             "trimmed_view": self.trimmed_view,
+            "background_weight": self.background_weight,
         }
 
 
@@ -106,6 +110,7 @@ class Manifest:
                 fallback_k=int(t.get("fallback_k", 16)),
                 require_second_key=bool(t.get("require_second_key", False)),
                 trimmed_view=bool(t.get("trimmed_view", False)),
+                background_weight=float(t.get("background_weight", 0.0)),
             ),
             extra={k: v for k, v in d.items() if k not in known},
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_GATEWAY = "127.0.0.1:50050"
-DEFAULT_DETECTION_BUNDLE = Path("models/detect-cvae")
+DEFAULT_DETECTION_BUNDLE = Path("models/detect-lite0")
 DEFAULT_RETRIEVAL_BUNDLE = Path("models/retrieve-tbh16")
 
 
@@ -77,7 +77,7 @@ def cmd_export(argv: list[str]) -> int:
     d.add_argument(
         "--images", type=Path, required=True, help="images theta is taken over"
     )
-    d.add_argument("--out", type=Path, default=DEFAULT_DETECTION_BUNDLE)
+    d.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     r = sub.add_parser("retrieve", help="TBH checkpoint -> retrieval bundle")
     r.add_argument("--checkpoint", type=Path, required=True)
     r.add_argument("--out", type=Path, default=DEFAULT_RETRIEVAL_BUNDLE)
@@ -288,6 +288,12 @@ def cmd_calibrate(argv: list[str]) -> int:
     return calibrate_main(argv)
 
 
+def cmd_background(argv: list[str]) -> int:
+    from copyfree_train.background_bank import main as background_main
+
+    return background_main(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
     "export": cmd_export,
@@ -299,6 +305,7 @@ COMMANDS = {
     "load": cmd_load,
     "eval": cmd_eval,
     "calibrate": cmd_calibrate,
+    "background": cmd_background,
 }
 
 
@@ -318,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  load     load-test Check (gateway) against encoder+index direct")
         print("  eval     quality reports (eval retrieve, eval detect)")
         print("  calibrate  detection thresholds for a target false-match rate")
+        print("  background a detection bundle's bank of unregistered images")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import grpc
 

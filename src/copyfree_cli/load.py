@@ -353,6 +353,7 @@ class Client:
                 replies,
                 self.thresholds,
                 require_second_key=self.thresholds.require_second_key,
+                background=keys.background,
             )
 
         async def direct_check(i: int) -> None:
@@ -617,7 +618,7 @@ def _with_stack(
     if len(records) < need:
         raise SystemExit(f"{ns.images}: {len(records)} images, --stack needs {need}")
     config = StackConfig(
-        detection_bundle=ns.detection_bundle or Path("models/detect-cvae"),
+        detection_bundle=ns.detection_bundle or Path("models/detect-lite0"),
         retrieval_bundle=ns.retrieval_bundle or Path("models/retrieve-tbh16"),
         shards=ns.shards,
         data_dir=ns.data_dir,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from copyfree.v1 import gateway_pb2
+from copyfree.v1 import common_pb2, gateway_pb2
 
 _STAGE_TEXT = {
     gateway_pb2.DECISION_STAGE_UNIQUE_FIRST_KEY: "unique first-key match (stage 1)",
@@ -18,6 +18,18 @@ def _meta(m: gateway_pb2.RegisteredMatch | gateway_pb2.Recommendation) -> str:
     return " | ".join(parts)
 
 
+def _cosine_bar(t: common_pb2.Thresholds, background: float) -> str:
+    """The cosine stage 2 asked for: min_cosine, raised by the query's background
+    similarity when the bundle weighs it (copyfree.background)."""
+    if not t.background_weight:
+        return f"{t.min_cosine:g}"
+    bar = t.min_cosine + t.background_weight * background
+    return (
+        f"{bar:.4f} = {t.min_cosine:g} + {t.background_weight:g} x background "
+        f"{background:.3f}"
+    )
+
+
 def render_check(reply: gateway_pb2.CheckResponse, label: str = "") -> str:
     ev = reply.evidence
     t = ev.thresholds
@@ -28,7 +40,7 @@ def render_check(reply: gateway_pb2.CheckResponse, label: str = "") -> str:
         lines.append(f"{head}REGISTERED: {m.collection}/{m.id}  {_meta(m)}")
         lines.append(
             f"  match: hamming {m.hamming} (<= {t.max_hamming} is stage 1), "
-            f"cosine {m.cosine:.4f} (threshold {t.min_cosine:g})"
+            f"cosine {m.cosine:.4f} (threshold {_cosine_bar(t, ev.background)})"
         )
     else:
         lines.append(

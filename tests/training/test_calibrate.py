@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def test_trimmed_view_is_chosen_when_it_pays() -> None:
     reg = rng.normal(0, 1, (30, 64))
     ids = [f"r{i:02d}" for i in range(30)]
     registry = Registry(ids, *_keys(reg))
-    framed = reg + rng.normal(0, 2.0, (30, 64))
+    framed = reg + rng.normal(0, 4.0, (30, 64))  # cosine ~0.25 to its original
     fresh = rng.normal(0, 1, (40, 64))
     z = np.concatenate([reg, framed, fresh])
     view = np.concatenate([reg, reg + rng.normal(0, 0.2, (30, 64)), fresh])
@@ -147,3 +148,56 @@ def test_write_thresholds_keeps_the_bundle_loadable(
 
     model = BundleModel(bundle, providers="cpu")
     assert model.manifest.thresholds == cal.thresholds
+
+
+def _with_background(q: Queries, seed: int) -> Queries:
+    """q with a background similarity per query: high for the look-alike distractors
+    (they resemble many images), low for the rest."""
+    rng = np.random.default_rng(seed)
+    n = len(q)
+    bg = rng.uniform(0.2, 0.5, n).astype(np.float32)
+    bg[-10:] = rng.uniform(0.85, 0.95, 10)  # the look-alikes of `setup`
+    tbg = (bg + rng.uniform(-0.05, 0.05, n)).astype(np.float32)
+    return replace(q, background=bg, trimmed_background=tbg)
+
+
+def test_shortcut_equals_real_detect_with_a_background_weight(
+    setup: tuple[Registry, Queries],
+) -> None:
+    registry, plain = setup
+    q = _with_background(plain, 4)
+    t1_grid, k_grid = (0, 8, 24), (0, 16)
+    picks = collect_picks(registry, q, t1_grid, k_grid)
+    for t1, k, t2, req, view, w in itertools.product(
+        t1_grid, k_grid, (0.3, 0.5, 0.8), (False, True), (False, True), (0.3, 0.6)
+    ):
+        t = Thresholds(t1, t2, k, req, view, w)
+        real = registry.detect_all(q, t)
+        matched, right = outcomes(picks, t)
+        assert matched.tolist() == [v.matched is not None for v in real]
+        want = [v.matched == tr for v, tr in zip(real, q.truth, strict=True)]
+        assert right.tolist() == [m and w for m, w in zip(matched, want, strict=True)]
+
+
+def test_a_background_weight_is_chosen_when_it_pays(
+    setup: tuple[Registry, Queries],
+) -> None:
+    """Look-alikes with a high background similarity: weighing it lets T2 drop for
+    the rest, so more copies are found at the same false-match target. Without a
+    bank (background None) the weight stays 0."""
+    registry, plain = setup
+    q = _with_background(plain, 4)
+    cal, _ = calibrate(registry, q, target_fmr=0.05, **GRID)
+    base, _ = calibrate(registry, plain, target_fmr=0.05, **GRID)
+    assert base.thresholds.background_weight == 0.0
+    assert cal.thresholds.background_weight > 0.0
+    assert cal.false_match_rate <= 0.05
+    mean = np.mean([cal.detection[g] for g in ("weak", "hybrid")])
+    assert mean > np.mean([base.detection[g] for g in ("weak", "hybrid")])
+    real = registry.detect_all(q, cal.thresholds)
+    fm = [
+        v.matched is not None
+        for v, g in zip(real, q.groups, strict=True)
+        if g == "distractor"
+    ]
+    assert np.mean(fm) == pytest.approx(cal.false_match_rate)

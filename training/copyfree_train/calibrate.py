@@ -16,7 +16,9 @@ Owns:
   require_second_key axes cost no further searches. Queries that carry the keys of
   their border-trimmed view get the same picks for that view, and the trimmed_view
   axis combines the two as the gateway does (the view answers only where the image
-  as is matched nothing).
+  as is matched nothing). Where the bundle has a background bank
+  (copyfree.background), a background_weight axis raises each query's bar by its
+  background similarity, again without another search.
   Among settings whose distractor false-match rate is <= target and which keep every
   unmodified registered image REGISTERED with its id, it takes the one with the best
   mean detection over the attack groups (ties: fewer false matches, then the stricter
@@ -62,11 +64,13 @@ T1_GRID = tuple(range(0, 25))
 K_GRID = (0, 1, 4, 16, 64)
 R_GRID = (False, True)  # require_second_key
 V_GRID = (False, True)  # trimmed_view (only where the queries have trimmed keys)
+# background_weight (only where the bundle has a background bank)
+B_GRID = (0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
 T2_GRID = tuple(
     round(float(v), 4)
     for v in np.concatenate(
         [
-            np.arange(0.50, 0.95, 0.01),
+            np.arange(0.30, 0.95, 0.005),
             np.arange(0.95, 0.99, 0.0025),
             np.arange(0.99, 1.0, 0.0005),
         ]
@@ -132,18 +136,24 @@ class Registry:
         first_key: np.ndarray,
         second_key: np.ndarray,
         t: Thresholds,
-        trimmed: tuple[np.ndarray, np.ndarray] | None = None,
+        trimmed: tuple[np.ndarray, np.ndarray, float] | None = None,
+        background: float = 0.0,
     ) -> Verdict:
         """Detect + the gateway's decision at thresholds t; with t.trimmed_view, the
-        trimmed view's keys (first, second) are searched when the image matches
-        nothing, as the gateway's Check does."""
+        trimmed view's keys (first, second, background) are searched when the image
+        matches nothing, as the gateway's Check does."""
         proto = _proto(t)
 
-        def decision(a: np.ndarray, b: np.ndarray) -> Any:
+        def decision(a: np.ndarray, b: np.ndarray, bg: float) -> Any:
             resp = self.search(a, b, t.max_hamming, t.fallback_k)
-            return decide([resp], proto, require_second_key=proto.require_second_key)
+            return decide(
+                [resp],
+                proto,
+                require_second_key=proto.require_second_key,
+                background=_f32(bg),
+            )
 
-        as_is = decision(first_key, second_key)
+        as_is = decision(first_key, second_key, background)
         view = None
         if as_is.matched is None and t.trimmed_view and trimmed is not None:
             view = decision(*trimmed)
@@ -151,7 +161,15 @@ class Registry:
         return _verdict(d, used)
 
     def detect_all(self, q: Queries, t: Thresholds) -> list[Verdict]:
-        return [self.detect(*q.keys(i), t, q.trimmed_keys(i)) for i in range(len(q))]
+        return [
+            self.detect(*q.keys(i), t, q.trimmed_keys(i), q.background_of(i))
+            for i in range(len(q))
+        ]
+
+
+def _f32(v: float) -> float:
+    """v as the float32 a proto field carries (the gateway sees that value)."""
+    return float(np.float32(v))
 
 
 def _candidate(h: DetectHit) -> index_pb2.DetectCandidate:
@@ -187,6 +205,10 @@ class Queries:
     trimmed_first_keys: np.ndarray | None = None  # (n, 8); rows where has_trimmed
     trimmed_second_keys: np.ndarray | None = None  # (n, 64)
     has_trimmed: np.ndarray | None = None  # (n,) bool
+    # Background similarity of each query and of its trimmed view (copyfree.background;
+    # None: the bundle has no bank).
+    background: np.ndarray | None = None  # (n,) float32
+    trimmed_background: np.ndarray | None = None  # (n,) float32
 
     def __len__(self) -> int:
         return len(self.truth)
@@ -194,12 +216,20 @@ class Queries:
     def keys(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.first_keys[i], self.second_keys[i]
 
-    def trimmed_keys(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def background_of(self, i: int) -> float:
+        return 0.0 if self.background is None else float(self.background[i])
+
+    def trimmed_keys(self, i: int) -> tuple[np.ndarray, np.ndarray, float] | None:
         if self.has_trimmed is None or not self.has_trimmed[i]:
             return None
         assert self.trimmed_first_keys is not None
         assert self.trimmed_second_keys is not None
-        return self.trimmed_first_keys[i], self.trimmed_second_keys[i]
+        bg = self.trimmed_background
+        return (
+            self.trimmed_first_keys[i],
+            self.trimmed_second_keys[i],
+            0.0 if bg is None else float(bg[i]),
+        )
 
     def trimmed_view(self) -> Queries | None:
         """The queries with their trimmed keys (rows without a border: no keys)."""
@@ -208,7 +238,11 @@ class Queries:
         assert self.trimmed_first_keys is not None
         assert self.trimmed_second_keys is not None
         return Queries(
-            self.trimmed_first_keys, self.trimmed_second_keys, self.truth, self.groups
+            self.trimmed_first_keys,
+            self.trimmed_second_keys,
+            self.truth,
+            self.groups,
+            background=self.trimmed_background,
         )
 
 
@@ -217,23 +251,35 @@ class Picks:
     """Per (T1, K), for each query, what the rule picks with T2 = -1: whether it
     picked anything, whether that is the query's true id, its cosine, and whether
     stage 1 had exactly one candidate (then T2 does not apply). `trimmed`: the same
-    for the queries' trimmed keys (has = False where a query has none)."""
+    for the queries' trimmed keys (has = False where a query has none). `background`:
+    each query's background similarity (zeros without a bank)."""
 
     has: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     right: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     cos: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     unique: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     trimmed: Picks | None = None
+    background: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def matched(
-        self, key: tuple[int, int], t2s: np.ndarray, require_second_key: bool
+        self,
+        key: tuple[int, int],
+        t2s: np.ndarray,
+        require_second_key: bool,
+        background_weight: float = 0.0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(matched anything, matched the right id), (queries, len(t2s)), by
         decide()'s rule: a unique stage-1 candidate is the answer unless
-        require_second_key; any other pick must reach T2 (compared in float32)."""
+        require_second_key; any other pick's cosine must reach T2 + background_weight *
+        the query's background (in double, from the float32 values the protos carry,
+        as decide() computes it)."""
         unique = self.unique[key] & (not require_second_key)
+        bar = np.float32(t2s).astype(np.float64)[None, :]
+        if background_weight:
+            bg = self.background.astype(np.float64)[:, None]
+            bar = bar + float(np.float32(background_weight)) * bg
         matched = self.has[key][:, None] & (
-            unique[:, None] | (self.cos[key][:, None] >= t2s[None, :])
+            unique[:, None] | (self.cos[key].astype(np.float64)[:, None] >= bar)
         )
         return matched, matched & self.right[key][:, None]
 
@@ -243,12 +289,15 @@ class Picks:
         t2s: np.ndarray,
         require_second_key: bool,
         trimmed_view: bool,
+        background_weight: float = 0.0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """matched() with the gateway's view rule: the trimmed view answers where the
         image as is matched nothing (copyfree_gateway.decision.with_trimmed_view)."""
-        matched, right = self.matched(key, t2s, require_second_key)
+        matched, right = self.matched(key, t2s, require_second_key, background_weight)
         if trimmed_view and self.trimmed is not None:
-            m2, r2 = self.trimmed.matched(key, t2s, require_second_key)
+            m2, r2 = self.trimmed.matched(
+                key, t2s, require_second_key, background_weight
+            )
             use = ~matched & m2
             matched, right = matched | use, right | (use & r2)
         return matched, right
@@ -263,9 +312,10 @@ def collect_picks(
 ) -> Picks:
     """Picks of every query (of those where `searched` is True; the rest pick
     nothing), and of the queries' trimmed view where they have one."""
-    picks = Picks()
-    kmax = max(k_grid)
     n = len(q.truth)
+    bg = np.zeros(n, np.float32) if q.background is None else q.background
+    picks = Picks(background=np.asarray(bg, np.float32))
+    kmax = max(k_grid)
     view = q.trimmed_view()
     if view is not None:
         picks.trimmed = collect_picks(registry, view, t1_grid, k_grid, q.has_trimmed)
@@ -298,6 +348,7 @@ def outcomes(picks: Picks, t: Thresholds) -> tuple[np.ndarray, np.ndarray]:
         np.asarray([t.min_cosine], np.float32),
         t.require_second_key,
         t.trimmed_view,
+        t.background_weight,
     )
     return matched[:, 0], right[:, 0]
 
@@ -347,10 +398,12 @@ def calibrate(
     t2_grid: Sequence[float] = T2_GRID,
     picks: Picks | None = None,
     r_grid: Sequence[bool] = R_GRID,
+    b_grid: Sequence[float] = B_GRID,
 ) -> tuple[Calibration, list[dict[str, Any]]]:
-    """The best (T1, T2, K, require_second_key, trimmed_view) at false-match rate
-    <= target_fmr (see the module doc), and the frontier (best detection at each
-    false-match rate seen) for plotting. Scores every T2 of the grid at once."""
+    """The best (T1, T2, K, require_second_key, trimmed_view, background_weight) at
+    false-match rate <= target_fmr (see the module doc), and the frontier (best
+    detection at each false-match rate seen) for plotting. Scores every T2 of the grid
+    at once."""
     picks = picks or collect_picks(registry, q, t1_grid, k_grid)
     attack_groups = [
         g for g in dict.fromkeys(q.groups) if g not in ("distractor", "original")
@@ -361,11 +414,14 @@ def calibrate(
     t2s = np.asarray(t2_grid, np.float32)
     best: tuple[Any, ...] | None = None
     fallback: tuple[Any, ...] | None = None
-    table: list[dict[str, Any]] = []
+    seen: list[tuple[Thresholds, np.ndarray, np.ndarray]] = []  # (setting, fmrs, means)
     v_grid = V_GRID if picks.trimmed is not None else (False,)
-    for t1, k, req, view in itertools.product(t1_grid, k_grid, r_grid, v_grid):
+    weights = b_grid if q.background is not None else (0.0,)
+    for t1, k, req, view, w in itertools.product(
+        t1_grid, k_grid, r_grid, v_grid, weights
+    ):
         # outcomes for every T2 at once: (queries, len(t2_grid))
-        matched, right = picks.outcomes((t1, k), t2s, req, view)
+        matched, right = picks.outcomes((t1, k), t2s, req, view, w)
         fmrs = matched[neg].mean(axis=0) if neg.any() else np.zeros(len(t2s))
         dets = {g: right[m].mean(axis=0) for g, m in masks.items()}
         means = (
@@ -373,39 +429,59 @@ def calibrate(
             if attack_groups
             else np.zeros(len(t2s))
         )
-        for j, t2 in enumerate(t2_grid):
-            fmr, mean = float(fmrs[j]), float(means[j])
-            t = Thresholds(t1, t2, k, req, view)
-            table.append({**t.to_dict(), "fmr": fmr, "detection": mean})
-            # larger = better: detection, fewer false matches, stricter rule, and
-            # (all else equal) one search rather than two
-            rank = (mean, -fmr, req, t2, -t1, -k, not view)
-            originals_ok = "original" not in dets or dets["original"][j] >= 1.0
-            if fmr <= target_fmr and originals_ok:
-                if best is None or rank > best[0]:
-                    det = {g: float(v[j]) for g, v in dets.items()}
-                    best = (rank, t, fmr, det)
-            frank = (-fmr, mean, req, t2, -t1, -k, not view)
-            if fallback is None or frank > fallback[0]:
-                det = {g: float(v[j]) for g, v in dets.items()}
-                fallback = (frank, t, fmr, det)
-    chosen, feasible = (best, True) if best is not None else (fallback, False)
+        setting = Thresholds(t1, 0.0, k, req, view, w)
+        seen.append((setting, fmrs, means))
+        # Within one setting only T2 varies: the best T2 by (detection, fewer false
+        # matches, stricter T2); across settings the rank below decides.
+        ok = fmrs <= target_fmr
+        if "original" in dets:
+            ok &= dets["original"] >= 1.0
+        order = np.lexsort((t2s, -fmrs, means))  # last key first: best is last
+        feasible = order[ok[order]]
+        # larger = better: detection, fewer false matches, stricter rule, the plain
+        # cosine rather than the background-weighted one, stricter T2, and (all else
+        # equal) one search rather than two
+        if len(feasible):
+            j = int(feasible[-1])
+            rank = (means[j], -fmrs[j], req, -w, t2s[j], -t1, -k, not view)
+            if best is None or rank > best[0]:
+                best = (rank, setting, j, dets)
+        j = int(np.lexsort((t2s, means, -fmrs))[-1])
+        frank = (-fmrs[j], means[j], req, -w, t2s[j], -t1, -k, not view)
+        if fallback is None or frank > fallback[0]:
+            fallback = (frank, setting, j, dets)
+    chosen, feasible_any = (best, True) if best is not None else (fallback, False)
     assert chosen is not None
-    _, t, fmr, det = chosen
+    rank, setting, j, dets = chosen
+    t = replace(setting, min_cosine=float(t2_grid[j]))
+    det = {g: float(v[j]) for g, v in dets.items()}
     cal = Calibration(
-        t, target_fmr, fmr, det, int((groups == "distractor").sum()),
-        int((groups != "distractor").sum()), feasible,
+        t, target_fmr, float(-rank[1] if feasible_any else -rank[0]), det,
+        int((groups == "distractor").sum()), int((groups != "distractor").sum()),
+        feasible_any,
     )  # fmt: skip
-    return cal, frontier(table)
+    return cal, frontier(seen, t2_grid)
 
 
-def frontier(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pareto front: for each false-match rate, the best detection at or below it."""
-    rows = sorted(table, key=lambda r: (r["fmr"], -r["detection"]))
+def frontier(
+    seen: Sequence[tuple[Thresholds, np.ndarray, np.ndarray]],
+    t2_grid: Sequence[float],
+) -> list[dict[str, Any]]:
+    """Pareto front: for each false-match rate, the best detection at or below it
+    (rows: the setting's thresholds, "fmr" and "detection")."""
+    fmr = np.concatenate([f for _, f, _ in seen])
+    det = np.concatenate([m for _, _, m in seen])
+    order = np.lexsort((-det, fmr))
     front: list[dict[str, Any]] = []
-    for r in rows:
-        if not front or r["detection"] > front[-1]["detection"]:
-            front.append(r)
+    best = -np.inf
+    for i in order:
+        if det[i] > best:
+            best = det[i]
+            setting = seen[i // len(t2_grid)][0]
+            t = replace(setting, min_cosine=float(t2_grid[i % len(t2_grid)]))
+            front.append(
+                {**t.to_dict(), "fmr": float(fmr[i]), "detection": float(det[i])}
+            )
     return front
 
 

@@ -60,6 +60,7 @@ import numpy as np
 from PIL import Image
 
 from copyfree import preprocess
+from copyfree.background import BackgroundBank
 from copyfree.bundle import (
     DETECTION_OUTPUTS,
     INPUT_NAME,
@@ -80,7 +81,7 @@ from copyfree_train.data import ImageRecord, load_rgb, read_siblings, sibling_gr
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUNDLE = Path("models/detect-cvae")
+DEFAULT_BUNDLE = Path("models/detect-lite0")
 DEFAULT_OUT = Path("artifacts/detect/eval")
 DEFAULT_CACHE = Path("artifacts/detect/cache")
 HASHERS = ("keys", "phash", "pdq", "deep")
@@ -509,7 +510,22 @@ def compute_codes(
 
 
 def bundle_keys(config: DetectEvalConfig, data: EvalData) -> dict[str, np.ndarray]:
-    return compute_codes(config, data, ["keys"])["keys"]
+    """The bundle's keys of every query (cached), with each query's background
+    similarity ("background", "trimmed_background") when the bundle has a bank."""
+    return with_background(compute_codes(config, data, ["keys"])["keys"], config.bundle)
+
+
+def with_background(keys: dict[str, np.ndarray], bundle: Path) -> dict[str, np.ndarray]:
+    """keys plus the background similarity of every row and of its trimmed view, as
+    the encoder computes it (copyfree.background); unchanged without a bank. Not
+    cached: it is a matrix product over keys already computed."""
+    bank = BackgroundBank.load(bundle, read_manifest(bundle))
+    if bank is None:
+        return keys
+    out = {**keys, "background": bank.similarity(keys["second_key"])}
+    if "trimmed_second_key" in keys:
+        out["trimmed_background"] = bank.similarity(keys["trimmed_second_key"])
+    return out
 
 
 # ----------------------------------------------------------------- distances
@@ -794,6 +810,10 @@ def query_keys(
     """The keys (and trimmed-view keys, when computed) of the queries at rows."""
     qs = [data.queries[j] for j in rows]
     has = keys.get("trimmed")
+
+    def part(name: str) -> np.ndarray | None:
+        return keys[name][rows] if name in keys else None
+
     return Queries(
         keys["first_key"][rows],
         keys["second_key"][rows],
@@ -802,6 +822,8 @@ def query_keys(
         None if has is None else keys["trimmed_first_key"][rows],
         None if has is None else keys["trimmed_second_key"][rows],
         None if has is None else has[rows],
+        background=part("background"),
+        trimmed_background=part("trimmed_background"),
     )
 
 
@@ -865,7 +887,10 @@ def evaluate(
         }
     if "keys" in raw:
         at_bundle, at_cal, cal, front, points = keys_identification(
-            data, raw["keys"], config.bundle, config.target_fmr
+            data,
+            with_background(raw["keys"], config.bundle),
+            config.bundle,
+            config.target_fmr,
         )
         result["operating_points"]["keys"] = points
         result["identification"]["keys@bundle"] = at_bundle

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from copyfree.background import BackgroundBank
 from copyfree.bundle import (
     DETECTION_OUTPUTS,
     INPUT_NAME,
@@ -171,6 +172,14 @@ class BundleModel:
             DETECTION_OUTPUTS if self.kind == "detection" else RETRIEVAL_OUTPUTS
         )
         self.stats = RunStats()
+        try:
+            self.background = (
+                BackgroundBank.load(self.path, self.manifest)
+                if self.kind == "detection"
+                else None
+            )
+        except (OSError, ValueError) as e:
+            raise BundleError(f"bundle {self.path}: bad background bank: {e}") from e
         self._check_graph()
         self._warm_up()
 
@@ -318,6 +327,7 @@ class EncodedImage:
     embedding: NDArray[np.float32] | None = None  # (64,)
     first_key: bytes | None = None  # 8 bytes, MSB-first
     second_key: NDArray[np.int16] | None = None  # (64,)
+    background: float | None = None  # copyfree.background; None: the bundle has no bank
     code: bytes | None = None  # code_bits / 8 bytes, MSB-first
     fine: bytes | None = None  # fine_dim int8 values
 
@@ -450,7 +460,10 @@ class Encoder:
             if not rows:
                 continue
             batch = np.stack([items[i].inputs[kind] for i in rows])
-            values = self.model(kind).run(batch)
+            model = self.model(kind)
+            values = model.run(batch)
+            if model.background is not None:
+                values["background"] = model.background.similarity(values["second_key"])
             for name, array in values.items():
                 column: list[Any] = [None] * len(items)
                 for row, value in zip(rows, array, strict=True):
@@ -462,10 +475,11 @@ class Encoder:
 
         results = []
         for i, item in enumerate(items):
-            first_key, code, fine = (
+            first_key, code, fine, background = (
                 cell("first_key", i),
                 cell("code", i),
                 cell("fine", i),
+                cell("background", i),
             )
             results.append(
                 EncodedImage(
@@ -474,6 +488,7 @@ class Encoder:
                     embedding=cell("embedding", i),
                     first_key=None if first_key is None else first_key.tobytes(),
                     second_key=cell("second_key", i),
+                    background=(None if background is None else float(background)),
                     code=None if code is None else code.tobytes(),
                     fine=None if fine is None else fine.tobytes(),
                 )

@@ -206,7 +206,9 @@ def _with_trimmed(items: Sequence[Prepared]) -> list[Prepared]:
 def _keys(e: EncodedImage) -> common_pb2.DetectionKeys:
     assert e.first_key is not None and e.second_key is not None
     return common_pb2.DetectionKeys(
-        first_key=e.first_key, second_key=second_key_to_bytes(e.second_key)
+        first_key=e.first_key,
+        second_key=second_key_to_bytes(e.second_key),
+        background=e.background or 0.0,
     )
 
 

@@ -33,10 +33,15 @@ def decide(
     thresholds: common_pb2.Thresholds,
     *,
     require_second_key: bool = False,
+    background: float = 0.0,
 ) -> Decision:
     """Stage 1: C = items within max_hamming over all shards. |C| = 1 -> that item (the
-    paper rule) unless require_second_key. |C| > 1 -> highest cosine, if >= min_cosine.
-    |C| = 0 -> stage 2 over the fallback_k nearest first keys (K = 0: no match)."""
+    paper rule) unless require_second_key. |C| > 1 -> highest cosine, if it passes
+    stage 2. |C| = 0 -> stage 2 over the fallback_k nearest first keys (K = 0: no
+    match). Stage 2: cosine - background_weight * background >= min_cosine, where
+    `background` is the query's background similarity (copyfree.background)."""
+    # The candidate ranking is by cosine; the query's background only moves the bar.
+    bar = thresholds.min_cosine + thresholds.background_weight * background
     stage1_count = sum(r.stage1_count for r in responses)
     if stage1_count > 0:
         candidates = sorted(
@@ -48,7 +53,7 @@ def decide(
                 candidates[0], gateway_pb2.DECISION_STAGE_UNIQUE_FIRST_KEY, 1, 0, top
             )
         best = candidates[0]
-        matched = best if best.cosine >= thresholds.min_cosine else None
+        matched = best if best.cosine >= bar else None
         return Decision(
             matched,
             gateway_pb2.DECISION_STAGE_SECOND_KEY,
@@ -62,7 +67,7 @@ def decide(
         return Decision(None, gateway_pb2.DECISION_STAGE_NO_CANDIDATE, 0, 0, [])
     ranked = sorted(nearest, key=_by_cosine)
     best = ranked[0]
-    matched = best if best.cosine >= thresholds.min_cosine else None
+    matched = best if best.cosine >= bar else None
     return Decision(
         matched,
         gateway_pb2.DECISION_STAGE_FALLBACK,

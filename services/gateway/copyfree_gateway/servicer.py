@@ -130,6 +130,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     f"got {request.fallback_k}"
                 )
             t.fallback_k = request.fallback_k
+        if request.HasField("background_weight"):
+            if not 0.0 <= request.background_weight <= 1.0:
+                raise errors.InvalidInput(
+                    "background_weight must be in [0, 1], "
+                    f"got {request.background_weight}"
+                )
+            t.background_weight = request.background_weight
         # A caller may ask for the stricter rule, never relax the bundle's.
         t.require_second_key = t.require_second_key or request.require_second_key
         return t
@@ -152,7 +159,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
         responses = await self._on_shards(registry, lambda s: s.detect(detect))
         decision = decide(
-            responses, thresholds, require_second_key=thresholds.require_second_key
+            responses,
+            thresholds,
+            require_second_key=thresholds.require_second_key,
+            background=keys.background,
         )
         return decision, sum(r.searched for r in responses)
 
@@ -181,6 +191,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     registry, model, second.trimmed_detection, thresholds
                 )
         decision, used_trimmed = with_trimmed_view(as_is, trimmed)
+        decided_keys = (
+            second.trimmed_detection
+            if used_trimmed and second is not None
+            else encoding.detection
+        )
         if trimmed is not None:
             CHECK_TRIMMED_VIEW.labels("matched" if used_trimmed else "unmatched").inc()
         evidence = gateway_pb2.DetectionEvidence(
@@ -196,6 +211,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             searched=searched,
             shards=len(self._shards),
             trimmed=used_trimmed,
+            background=decided_keys.background,
         )
         reply = gateway_pb2.CheckResponse(
             evidence=evidence, request_id=request_id.get()

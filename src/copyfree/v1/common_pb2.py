@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63opyfree/v1/common.proto\x12\x0b\x63opyfree.v1\"M\n\x0cWorkMetadata\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0f\n\x07licence\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\"6\n\rDetectionKeys\x12\x11\n\tfirst_key\x18\x01 \x01(\x0c\x12\x12\n\nsecond_key\x18\x02 \x01(\x0c\">\n\rRetrievalCode\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x0c\x12\x11\n\tcode_bits\x18\x02 \x01(\r\x12\x0c\n\x04\x66ine\x18\x03 \x01(\x0c\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"{\n\nThresholds\x12\x13\n\x0bmax_hamming\x18\x01 \x01(\r\x12\x12\n\nmin_cosine\x18\x02 \x01(\x02\x12\x12\n\nfallback_k\x18\x03 \x01(\r\x12\x1a\n\x12require_second_key\x18\x04 \x01(\x08\x12\x14\n\x0ctrimmed_view\x18\x05 \x01(\x08*s\n\x0e\x43ollectionKind\x12\x1f\n\x1b\x43OLLECTION_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43OLLECTION_KIND_REGISTRY\x10\x01\x12\"\n\x1e\x43OLLECTION_KIND_COPYRIGHT_FREE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63opyfree/v1/common.proto\x12\x0b\x63opyfree.v1\"M\n\x0cWorkMetadata\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0f\n\x07licence\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\"J\n\rDetectionKeys\x12\x11\n\tfirst_key\x18\x01 \x01(\x0c\x12\x12\n\nsecond_key\x18\x02 \x01(\x0c\x12\x12\n\nbackground\x18\x03 \x01(\x02\">\n\rRetrievalCode\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x0c\x12\x11\n\tcode_bits\x18\x02 \x01(\r\x12\x0c\n\x04\x66ine\x18\x03 \x01(\x0c\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x96\x01\n\nThresholds\x12\x13\n\x0bmax_hamming\x18\x01 \x01(\r\x12\x12\n\nmin_cosine\x18\x02 \x01(\x02\x12\x12\n\nfallback_k\x18\x03 \x01(\r\x12\x1a\n\x12require_second_key\x18\x04 \x01(\x08\x12\x14\n\x0ctrimmed_view\x18\x05 \x01(\x08\x12\x19\n\x11\x62\x61\x63kground_weight\x18\x06 \x01(\x02*s\n\x0e\x43ollectionKind\x12\x1f\n\x1b\x43OLLECTION_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43OLLECTION_KIND_REGISTRY\x10\x01\x12\"\n\x1e\x43OLLECTION_KIND_COPYRIGHT_FREE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'copyfree.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COLLECTIONKIND']._serialized_start=408
-  _globals['_COLLECTIONKIND']._serialized_end=523
+  _globals['_COLLECTIONKIND']._serialized_start=456
+  _globals['_COLLECTIONKIND']._serialized_end=571
   _globals['_WORKMETADATA']._serialized_start=41
   _globals['_WORKMETADATA']._serialized_end=118
   _globals['_DETECTIONKEYS']._serialized_start=120
-  _globals['_DETECTIONKEYS']._serialized_end=174
-  _globals['_RETRIEVALCODE']._serialized_start=176
-  _globals['_RETRIEVALCODE']._serialized_end=238
-  _globals['_MODELREF']._serialized_start=240
-  _globals['_MODELREF']._serialized_end=281
-  _globals['_THRESHOLDS']._serialized_start=283
-  _globals['_THRESHOLDS']._serialized_end=406
+  _globals['_DETECTIONKEYS']._serialized_end=194
+  _globals['_RETRIEVALCODE']._serialized_start=196
+  _globals['_RETRIEVALCODE']._serialized_end=258
+  _globals['_MODELREF']._serialized_start=260
+  _globals['_MODELREF']._serialized_end=301
+  _globals['_THRESHOLDS']._serialized_start=304
+  _globals['_THRESHOLDS']._serialized_end=454
 # @@protoc_insertion_point(module_scope)

@@ -27,12 +27,14 @@ class WorkMetadata(_message.Message):
     def __init__(self, title: _Optional[str] = ..., owner: _Optional[str] = ..., licence: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class DetectionKeys(_message.Message):
-    __slots__ = ("first_key", "second_key")
+    __slots__ = ("first_key", "second_key", "background")
     FIRST_KEY_FIELD_NUMBER: _ClassVar[int]
     SECOND_KEY_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     first_key: bytes
     second_key: bytes
-    def __init__(self, first_key: _Optional[bytes] = ..., second_key: _Optional[bytes] = ...) -> None: ...
+    background: float
+    def __init__(self, first_key: _Optional[bytes] = ..., second_key: _Optional[bytes] = ..., background: _Optional[float] = ...) -> None: ...
 
 class RetrievalCode(_message.Message):
     __slots__ = ("code", "code_bits", "fine")
@@ -53,15 +55,17 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Thresholds(_message.Message):
-    __slots__ = ("max_hamming", "min_cosine", "fallback_k", "require_second_key", "trimmed_view")
+    __slots__ = ("max_hamming", "min_cosine", "fallback_k", "require_second_key", "trimmed_view", "background_weight")
     MAX_HAMMING_FIELD_NUMBER: _ClassVar[int]
     MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_K_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_SECOND_KEY_FIELD_NUMBER: _ClassVar[int]
     TRIMMED_VIEW_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     max_hamming: int
     min_cosine: float
     fallback_k: int
     require_second_key: bool
     trimmed_view: bool
-    def __init__(self, max_hamming: _Optional[int] = ..., min_cosine: _Optional[float] = ..., fallback_k: _Optional[int] = ..., require_second_key: _Optional[bool] = ..., trimmed_view: _Optional[bool] = ...) -> None: ...
+    background_weight: float
+    def __init__(self, max_hamming: _Optional[int] = ..., min_cosine: _Optional[float] = ..., fallback_k: _Optional[int] = ..., require_second_key: _Optional[bool] = ..., trimmed_view: _Optional[bool] = ..., background_weight: _Optional[float] = ...) -> None: ...

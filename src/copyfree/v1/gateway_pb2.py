@@ -27,53 +27,53 @@ from copyfree.v1 import encoder_pb2 as copyfree_dot_v1_dot_encoder__pb2
 from copyfree.v1 import index_pb2 as copyfree_dot_v1_dot_index__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63opyfree/v1/gateway.proto\x12\x0b\x63opyfree.v1\x1a\x18\x63opyfree/v1/common.proto\x1a\x19\x63opyfree/v1/encoder.proto\x1a\x17\x63opyfree/v1/index.proto\"\xec\x01\n\x0c\x43heckRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_n\x18\x02 \x01(\r\x12\x10\n\x08registry\x18\x03 \x01(\t\x12\x16\n\x0e\x63opyright_free\x18\x04 \x01(\t\x12\x18\n\x0bmax_hamming\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmin_cosine\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nfallback_k\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x1a\n\x12require_second_key\x18\x08 \x01(\x08\x42\x0e\n\x0c_max_hammingB\r\n\x0b_min_cosineB\r\n\x0b_fallback_k\"8\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07hamming\x18\x02 \x01(\r\x12\x0e\n\x06\x63osine\x18\x03 \x01(\x02\"\xaa\x02\n\x11\x44\x65tectionEvidence\x12)\n\x05stage\x18\x01 \x01(\x0e\x32\x1a.copyfree.v1.DecisionStage\x12\x19\n\x11stage1_candidates\x18\x02 \x01(\r\x12\x19\n\x11stage2_candidates\x18\x03 \x01(\r\x12+\n\nthresholds\x18\x04 \x01(\x0b\x32\x17.copyfree.v1.Thresholds\x12.\n\x0etop_candidates\x18\x05 \x03(\x0b\x32\x16.copyfree.v1.Candidate\x12$\n\x05model\x18\x06 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\x10\n\x08searched\x18\x07 \x01(\x04\x12\x0e\n\x06shards\x18\x08 \x01(\r\x12\x0f\n\x07trimmed\x18\t \x01(\x08\"\x7f\n\x0fRegisteredMatch\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12+\n\x08metadata\x18\x03 \x01(\x0b\x32\x19.copyfree.v1.WorkMetadata\x12\x0f\n\x07hamming\x18\x04 \x01(\r\x12\x0e\n\x06\x63osine\x18\x05 \x01(\x02\"\x91\x01\n\x0eRecommendation\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12+\n\x08metadata\x18\x03 \x01(\x0b\x32\x19.copyfree.v1.WorkMetadata\x12\x0f\n\x07hamming\x18\x04 \x01(\r\x12\x13\n\x0b\x66ine_cosine\x18\x05 \x01(\x02\x12\x0c\n\x04rank\x18\x06 \x01(\r\"\x8f\x02\n\rCheckResponse\x12%\n\x07verdict\x18\x01 \x01(\x0e\x32\x14.copyfree.v1.Verdict\x12+\n\x05match\x18\x02 \x01(\x0b\x32\x1c.copyfree.v1.RegisteredMatch\x12\x34\n\x0frecommendations\x18\x03 \x03(\x0b\x32\x1b.copyfree.v1.Recommendation\x12\x30\n\x08\x65vidence\x18\x04 \x01(\x0b\x32\x1e.copyfree.v1.DetectionEvidence\x12.\n\x0fretrieval_model\x18\x05 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x98\x01\n\x0fRegisterRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.copyfree.v1.CollectionKind\x12\n\n\x02id\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\x0c\x12+\n\x08metadata\x18\x05 \x01(\x0b\x32\x19.copyfree.v1.WorkMetadata\"<\n\x0fRegisterFailure\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa2\x01\n\x10RegisterResponse\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x12\n\nregistered\x18\x02 \x01(\r\x12\x10\n\x08replaced\x18\x03 \x01(\r\x12.\n\x08\x66\x61ilures\x18\x04 \x03(\x0b\x32\x1c.copyfree.v1.RegisterFailure\x12$\n\x05model\x18\x05 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\"H\n\x10RecommendRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_n\x18\x02 \x01(\r\x12\x16\n\x0e\x63opyright_free\x18\x03 \x01(\t\"\x8d\x01\n\x11RecommendResponse\x12\x34\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1b.copyfree.v1.Recommendation\x12.\n\x0fretrieval_model\x18\x02 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"7\n\x14GatewayDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"=\n\x15GatewayDeleteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t\"\x15\n\x13GatewayStatsRequest\"B\n\x14GatewayStatsResponse\x12*\n\x06shards\x18\x01 \x03(\x0b\x32\x1a.copyfree.v1.StatsResponse\"X\n\x10ListAuditRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06\x62\x65\x66ore\x18\x02 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x03 \x01(\x03\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\"\xbd\x03\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12%\n\x07verdict\x18\x06 \x01(\x0e\x32\x14.copyfree.v1.Verdict\x12\x12\n\ncollection\x18\x07 \x01(\t\x12\x12\n\nmatched_id\x18\x08 \x01(\t\x12\x0f\n\x07hamming\x18\t \x01(\r\x12\x0e\n\x06\x63osine\x18\n \x01(\x02\x12\x30\n\x08\x65vidence\x18\x0b \x01(\x0b\x32\x1e.copyfree.v1.DetectionEvidence\x12.\n\x0f\x64\x65tection_model\x18\x0c \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12.\n\x0fretrieval_model\x18\r \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\x17\n\x0frecommended_ids\x18\x0e \x03(\t\x12\x14\n\x0cimage_sha256\x18\x0f \x01(\t\x12\x13\n\x0bimage_bytes\x18\x10 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x11 \x01(\x02\"R\n\x11ListAuditResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.copyfree.v1.AuditEntry\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t*R\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x16\n\x12VERDICT_REGISTERED\x10\x01\x12\x16\n\x12VERDICT_UNVERIFIED\x10\x02*\xb1\x01\n\rDecisionStage\x12\x1e\n\x1a\x44\x45\x43ISION_STAGE_UNSPECIFIED\x10\x00\x12#\n\x1f\x44\x45\x43ISION_STAGE_UNIQUE_FIRST_KEY\x10\x01\x12\x1d\n\x19\x44\x45\x43ISION_STAGE_SECOND_KEY\x10\x02\x12\x1b\n\x17\x44\x45\x43ISION_STAGE_FALLBACK\x10\x03\x12\x1f\n\x1b\x44\x45\x43ISION_STAGE_NO_CANDIDATE\x10\x04\x32\x9e\x04\n\x0eGatewayService\x12>\n\x05\x43heck\x12\x19.copyfree.v1.CheckRequest\x1a\x1a.copyfree.v1.CheckResponse\x12I\n\x08Register\x12\x1c.copyfree.v1.RegisterRequest\x1a\x1d.copyfree.v1.RegisterResponse(\x01\x12J\n\tRecommend\x12\x1d.copyfree.v1.RecommendRequest\x1a\x1e.copyfree.v1.RecommendResponse\x12O\n\x06\x44\x65lete\x12!.copyfree.v1.GatewayDeleteRequest\x1a\".copyfree.v1.GatewayDeleteResponse\x12L\n\x05Stats\x12 .copyfree.v1.GatewayStatsRequest\x1a!.copyfree.v1.GatewayStatsResponse\x12J\n\tModelInfo\x12\x1d.copyfree.v1.ModelInfoRequest\x1a\x1e.copyfree.v1.ModelInfoResponse\x12J\n\tListAudit\x12\x1d.copyfree.v1.ListAuditRequest\x1a\x1e.copyfree.v1.ListAuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63opyfree/v1/gateway.proto\x12\x0b\x63opyfree.v1\x1a\x18\x63opyfree/v1/common.proto\x1a\x19\x63opyfree/v1/encoder.proto\x1a\x17\x63opyfree/v1/index.proto\"\xa2\x02\n\x0c\x43heckRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_n\x18\x02 \x01(\r\x12\x10\n\x08registry\x18\x03 \x01(\t\x12\x16\n\x0e\x63opyright_free\x18\x04 \x01(\t\x12\x18\n\x0bmax_hamming\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmin_cosine\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nfallback_k\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x1a\n\x12require_second_key\x18\x08 \x01(\x08\x12\x1e\n\x11\x62\x61\x63kground_weight\x18\t \x01(\x02H\x03\x88\x01\x01\x42\x0e\n\x0c_max_hammingB\r\n\x0b_min_cosineB\r\n\x0b_fallback_kB\x14\n\x12_background_weight\"8\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07hamming\x18\x02 \x01(\r\x12\x0e\n\x06\x63osine\x18\x03 \x01(\x02\"\xbe\x02\n\x11\x44\x65tectionEvidence\x12)\n\x05stage\x18\x01 \x01(\x0e\x32\x1a.copyfree.v1.DecisionStage\x12\x19\n\x11stage1_candidates\x18\x02 \x01(\r\x12\x19\n\x11stage2_candidates\x18\x03 \x01(\r\x12+\n\nthresholds\x18\x04 \x01(\x0b\x32\x17.copyfree.v1.Thresholds\x12.\n\x0etop_candidates\x18\x05 \x03(\x0b\x32\x16.copyfree.v1.Candidate\x12$\n\x05model\x18\x06 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\x10\n\x08searched\x18\x07 \x01(\x04\x12\x0e\n\x06shards\x18\x08 \x01(\r\x12\x0f\n\x07trimmed\x18\t \x01(\x08\x12\x12\n\nbackground\x18\n \x01(\x02\"\x7f\n\x0fRegisteredMatch\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12+\n\x08metadata\x18\x03 \x01(\x0b\x32\x19.copyfree.v1.WorkMetadata\x12\x0f\n\x07hamming\x18\x04 \x01(\r\x12\x0e\n\x06\x63osine\x18\x05 \x01(\x02\"\x91\x01\n\x0eRecommendation\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12+\n\x08metadata\x18\x03 \x01(\x0b\x32\x19.copyfree.v1.WorkMetadata\x12\x0f\n\x07hamming\x18\x04 \x01(\r\x12\x13\n\x0b\x66ine_cosine\x18\x05 \x01(\x02\x12\x0c\n\x04rank\x18\x06 \x01(\r\"\x8f\x02\n\rCheckResponse\x12%\n\x07verdict\x18\x01 \x01(\x0e\x32\x14.copyfree.v1.Verdict\x12+\n\x05match\x18\x02 \x01(\x0b\x32\x1c.copyfree.v1.RegisteredMatch\x12\x34\n\x0frecommendations\x18\x03 \x03(\x0b\x32\x1b.copyfree.v1.Recommendation\x12\x30\n\x08\x65vidence\x18\x04 \x01(\x0b\x32\x1e.copyfree.v1.DetectionEvidence\x12.\n\x0fretrieval_model\x18\x05 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x98\x01\n\x0fRegisterRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.copyfree.v1.CollectionKind\x12\n\n\x02id\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\x0c\x12+\n\x08metadata\x18\x05 \x01(\x0b\x32\x19.copyfree.v1.WorkMetadata\"<\n\x0fRegisterFailure\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa2\x01\n\x10RegisterResponse\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x12\n\nregistered\x18\x02 \x01(\r\x12\x10\n\x08replaced\x18\x03 \x01(\r\x12.\n\x08\x66\x61ilures\x18\x04 \x03(\x0b\x32\x1c.copyfree.v1.RegisterFailure\x12$\n\x05model\x18\x05 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\"H\n\x10RecommendRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_n\x18\x02 \x01(\r\x12\x16\n\x0e\x63opyright_free\x18\x03 \x01(\t\"\x8d\x01\n\x11RecommendResponse\x12\x34\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1b.copyfree.v1.Recommendation\x12.\n\x0fretrieval_model\x18\x02 \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"7\n\x14GatewayDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"=\n\x15GatewayDeleteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t\"\x15\n\x13GatewayStatsRequest\"B\n\x14GatewayStatsResponse\x12*\n\x06shards\x18\x01 \x03(\x0b\x32\x1a.copyfree.v1.StatsResponse\"X\n\x10ListAuditRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06\x62\x65\x66ore\x18\x02 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x03 \x01(\x03\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\"\xbd\x03\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12%\n\x07verdict\x18\x06 \x01(\x0e\x32\x14.copyfree.v1.Verdict\x12\x12\n\ncollection\x18\x07 \x01(\t\x12\x12\n\nmatched_id\x18\x08 \x01(\t\x12\x0f\n\x07hamming\x18\t \x01(\r\x12\x0e\n\x06\x63osine\x18\n \x01(\x02\x12\x30\n\x08\x65vidence\x18\x0b \x01(\x0b\x32\x1e.copyfree.v1.DetectionEvidence\x12.\n\x0f\x64\x65tection_model\x18\x0c \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12.\n\x0fretrieval_model\x18\r \x01(\x0b\x32\x15.copyfree.v1.ModelRef\x12\x17\n\x0frecommended_ids\x18\x0e \x03(\t\x12\x14\n\x0cimage_sha256\x18\x0f \x01(\t\x12\x13\n\x0bimage_bytes\x18\x10 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x11 \x01(\x02\"R\n\x11ListAuditResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.copyfree.v1.AuditEntry\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t*R\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x16\n\x12VERDICT_REGISTERED\x10\x01\x12\x16\n\x12VERDICT_UNVERIFIED\x10\x02*\xb1\x01\n\rDecisionStage\x12\x1e\n\x1a\x44\x45\x43ISION_STAGE_UNSPECIFIED\x10\x00\x12#\n\x1f\x44\x45\x43ISION_STAGE_UNIQUE_FIRST_KEY\x10\x01\x12\x1d\n\x19\x44\x45\x43ISION_STAGE_SECOND_KEY\x10\x02\x12\x1b\n\x17\x44\x45\x43ISION_STAGE_FALLBACK\x10\x03\x12\x1f\n\x1b\x44\x45\x43ISION_STAGE_NO_CANDIDATE\x10\x04\x32\x9e\x04\n\x0eGatewayService\x12>\n\x05\x43heck\x12\x19.copyfree.v1.CheckRequest\x1a\x1a.copyfree.v1.CheckResponse\x12I\n\x08Register\x12\x1c.copyfree.v1.RegisterRequest\x1a\x1d.copyfree.v1.RegisterResponse(\x01\x12J\n\tRecommend\x12\x1d.copyfree.v1.RecommendRequest\x1a\x1e.copyfree.v1.RecommendResponse\x12O\n\x06\x44\x65lete\x12!.copyfree.v1.GatewayDeleteRequest\x1a\".copyfree.v1.GatewayDeleteResponse\x12L\n\x05Stats\x12 .copyfree.v1.GatewayStatsRequest\x1a!.copyfree.v1.GatewayStatsResponse\x12J\n\tModelInfo\x12\x1d.copyfree.v1.ModelInfoRequest\x1a\x1e.copyfree.v1.ModelInfoResponse\x12J\n\tListAudit\x12\x1d.copyfree.v1.ListAuditRequest\x1a\x1e.copyfree.v1.ListAuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'copyfree.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERDICT']._serialized_start=2702
-  _globals['_VERDICT']._serialized_end=2784
-  _globals['_DECISIONSTAGE']._serialized_start=2787
-  _globals['_DECISIONSTAGE']._serialized_end=2964
+  _globals['_VERDICT']._serialized_start=2776
+  _globals['_VERDICT']._serialized_end=2858
+  _globals['_DECISIONSTAGE']._serialized_start=2861
+  _globals['_DECISIONSTAGE']._serialized_end=3038
   _globals['_CHECKREQUEST']._serialized_start=121
-  _globals['_CHECKREQUEST']._serialized_end=357
-  _globals['_CANDIDATE']._serialized_start=359
-  _globals['_CANDIDATE']._serialized_end=415
-  _globals['_DETECTIONEVIDENCE']._serialized_start=418
-  _globals['_DETECTIONEVIDENCE']._serialized_end=716
-  _globals['_REGISTEREDMATCH']._serialized_start=718
-  _globals['_REGISTEREDMATCH']._serialized_end=845
-  _globals['_RECOMMENDATION']._serialized_start=848
-  _globals['_RECOMMENDATION']._serialized_end=993
-  _globals['_CHECKRESPONSE']._serialized_start=996
-  _globals['_CHECKRESPONSE']._serialized_end=1267
-  _globals['_REGISTERREQUEST']._serialized_start=1270
-  _globals['_REGISTERREQUEST']._serialized_end=1422
-  _globals['_REGISTERFAILURE']._serialized_start=1424
-  _globals['_REGISTERFAILURE']._serialized_end=1484
-  _globals['_REGISTERRESPONSE']._serialized_start=1487
-  _globals['_REGISTERRESPONSE']._serialized_end=1649
-  _globals['_RECOMMENDREQUEST']._serialized_start=1651
-  _globals['_RECOMMENDREQUEST']._serialized_end=1723
-  _globals['_RECOMMENDRESPONSE']._serialized_start=1726
-  _globals['_RECOMMENDRESPONSE']._serialized_end=1867
-  _globals['_GATEWAYDELETEREQUEST']._serialized_start=1869
-  _globals['_GATEWAYDELETEREQUEST']._serialized_end=1924
-  _globals['_GATEWAYDELETERESPONSE']._serialized_start=1926
-  _globals['_GATEWAYDELETERESPONSE']._serialized_end=1987
-  _globals['_GATEWAYSTATSREQUEST']._serialized_start=1989
-  _globals['_GATEWAYSTATSREQUEST']._serialized_end=2010
-  _globals['_GATEWAYSTATSRESPONSE']._serialized_start=2012
-  _globals['_GATEWAYSTATSRESPONSE']._serialized_end=2078
-  _globals['_LISTAUDITREQUEST']._serialized_start=2080
-  _globals['_LISTAUDITREQUEST']._serialized_end=2168
-  _globals['_AUDITENTRY']._serialized_start=2171
-  _globals['_AUDITENTRY']._serialized_end=2616
-  _globals['_LISTAUDITRESPONSE']._serialized_start=2618
-  _globals['_LISTAUDITRESPONSE']._serialized_end=2700
-  _globals['_GATEWAYSERVICE']._serialized_start=2967
-  _globals['_GATEWAYSERVICE']._serialized_end=3509
+  _globals['_CHECKREQUEST']._serialized_end=411
+  _globals['_CANDIDATE']._serialized_start=413
+  _globals['_CANDIDATE']._serialized_end=469
+  _globals['_DETECTIONEVIDENCE']._serialized_start=472
+  _globals['_DETECTIONEVIDENCE']._serialized_end=790
+  _globals['_REGISTEREDMATCH']._serialized_start=792
+  _globals['_REGISTEREDMATCH']._serialized_end=919
+  _globals['_RECOMMENDATION']._serialized_start=922
+  _globals['_RECOMMENDATION']._serialized_end=1067
+  _globals['_CHECKRESPONSE']._serialized_start=1070
+  _globals['_CHECKRESPONSE']._serialized_end=1341
+  _globals['_REGISTERREQUEST']._serialized_start=1344
+  _globals['_REGISTERREQUEST']._serialized_end=1496
+  _globals['_REGISTERFAILURE']._serialized_start=1498
+  _globals['_REGISTERFAILURE']._serialized_end=1558
+  _globals['_REGISTERRESPONSE']._serialized_start=1561
+  _globals['_REGISTERRESPONSE']._serialized_end=1723
+  _globals['_RECOMMENDREQUEST']._serialized_start=1725
+  _globals['_RECOMMENDREQUEST']._serialized_end=1797
+  _globals['_RECOMMENDRESPONSE']._serialized_start=1800
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1941
+  _globals['_GATEWAYDELETEREQUEST']._serialized_start=1943
+  _globals['_GATEWAYDELETEREQUEST']._serialized_end=1998
+  _globals['_GATEWAYDELETERESPONSE']._serialized_start=2000
+  _globals['_GATEWAYDELETERESPONSE']._serialized_end=2061
+  _globals['_GATEWAYSTATSREQUEST']._serialized_start=2063
+  _globals['_GATEWAYSTATSREQUEST']._serialized_end=2084
+  _globals['_GATEWAYSTATSRESPONSE']._serialized_start=2086
+  _globals['_GATEWAYSTATSRESPONSE']._serialized_end=2152
+  _globals['_LISTAUDITREQUEST']._serialized_start=2154
+  _globals['_LISTAUDITREQUEST']._serialized_end=2242
+  _globals['_AUDITENTRY']._serialized_start=2245
+  _globals['_AUDITENTRY']._serialized_end=2690
+  _globals['_LISTAUDITRESPONSE']._serialized_start=2692
+  _globals['_LISTAUDITRESPONSE']._serialized_end=2774
+  _globals['_GATEWAYSERVICE']._serialized_start=3041
+  _globals['_GATEWAYSERVICE']._serialized_end=3583
 # @@protoc_insertion_point(module_scope)

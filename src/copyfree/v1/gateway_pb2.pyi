@@ -33,7 +33,7 @@ DECISION_STAGE_FALLBACK: DecisionStage
 DECISION_STAGE_NO_CANDIDATE: DecisionStage
 
 class CheckRequest(_message.Message):
-    __slots__ = ("image", "top_n", "registry", "copyright_free", "max_hamming", "min_cosine", "fallback_k", "require_second_key")
+    __slots__ = ("image", "top_n", "registry", "copyright_free", "max_hamming", "min_cosine", "fallback_k", "require_second_key", "background_weight")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class CheckRequest(_message.Message):
     MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_K_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_SECOND_KEY_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     top_n: int
     registry: str
@@ -50,7 +51,8 @@ class CheckRequest(_message.Message):
     min_cosine: float
     fallback_k: int
     require_second_key: bool
-    def __init__(self, image: _Optional[bytes] = ..., top_n: _Optional[int] = ..., registry: _Optional[str] = ..., copyright_free: _Optional[str] = ..., max_hamming: _Optional[int] = ..., min_cosine: _Optional[float] = ..., fallback_k: _Optional[int] = ..., require_second_key: _Optional[bool] = ...) -> None: ...
+    background_weight: float
+    def __init__(self, image: _Optional[bytes] = ..., top_n: _Optional[int] = ..., registry: _Optional[str] = ..., copyright_free: _Optional[str] = ..., max_hamming: _Optional[int] = ..., min_cosine: _Optional[float] = ..., fallback_k: _Optional[int] = ..., require_second_key: _Optional[bool] = ..., background_weight: _Optional[float] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("id", "hamming", "cosine")
@@ -63,7 +65,7 @@ class Candidate(_message.Message):
     def __init__(self, id: _Optional[str] = ..., hamming: _Optional[int] = ..., cosine: _Optional[float] = ...) -> None: ...
 
 class DetectionEvidence(_message.Message):
-    __slots__ = ("stage", "stage1_candidates", "stage2_candidates", "thresholds", "top_candidates", "model", "searched", "shards", "trimmed")
+    __slots__ = ("stage", "stage1_candidates", "stage2_candidates", "thresholds", "top_candidates", "model", "searched", "shards", "trimmed", "background")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STAGE1_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     STAGE2_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +75,7 @@ class DetectionEvidence(_message.Message):
     SEARCHED_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     TRIMMED_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     stage: DecisionStage
     stage1_candidates: int
     stage2_candidates: int
@@ -82,7 +85,8 @@ class DetectionEvidence(_message.Message):
     searched: int
     shards: int
     trimmed: bool
-    def __init__(self, stage: _Optional[_Union[DecisionStage, str]] = ..., stage1_candidates: _Optional[int] = ..., stage2_candidates: _Optional[int] = ..., thresholds: _Optional[_Union[_common_pb2.Thresholds, _Mapping]] = ..., top_candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., searched: _Optional[int] = ..., shards: _Optional[int] = ..., trimmed: _Optional[bool] = ...) -> None: ...
+    background: float
+    def __init__(self, stage: _Optional[_Union[DecisionStage, str]] = ..., stage1_candidates: _Optional[int] = ..., stage2_candidates: _Optional[int] = ..., thresholds: _Optional[_Union[_common_pb2.Thresholds, _Mapping]] = ..., top_candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., searched: _Optional[int] = ..., shards: _Optional[int] = ..., trimmed: _Optional[bool] = ..., background: _Optional[float] = ...) -> None: ...
 
 class RegisteredMatch(_message.Message):
     __slots__ = ("collection", "id", "metadata", "hamming", "cosine")

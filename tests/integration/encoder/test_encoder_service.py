@@ -500,3 +500,50 @@ async def test_concurrent_encodes_are_micro_batched_with_identical_results(
     assert 1 < stats.largest_batch <= MAX_BATCH
     assert stats.runs - runs_before < len(images)
     assert [r.encoding for r in replies] == sequential
+
+
+# --- the background bank -------------------------------------------------------------
+
+
+async def test_a_bundle_with_a_background_bank_reports_each_views_background(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """With background.npy in the bundle, every detection view carries its background
+    similarity (mean cosine to the top_k nearest bank keys), as BackgroundBank
+    computes it; without one it stays 0."""
+    from copyfree.background import BackgroundBank, write_bank
+    from copyfree.bundle import read_manifest
+    from copyfree_encoder.model import Encoder
+
+    bundle = make_detection_bundle(tmp_path / "banked")
+    plain = Encoder.load(_settings(bundles))
+    pictures = [make_image_bytes(seed=s) for s in range(20, 30)]
+    bank_keys = np.stack(
+        [e.second_key for e in plain.encode_images(pictures, ["detection"])]  # type: ignore[union-attr]
+    )
+    write_bank(bundle, bank_keys, 3, {"source": "test pictures"})
+    bank = BackgroundBank.load(bundle, read_manifest(bundle))
+    assert bank is not None and bank.top_k == 3 and len(bank.keys) == 10
+    app = await EncoderApp.start(_settings(bundles, detection_bundle=bundle))
+    await app.load()
+    try:
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+            picture = make_picture(7)
+            copy = encode(framed(picture, (30, 10, 30, 10)))
+            request = encoder_pb2.EncodeRequest(image=copy, outputs=TRIMMED)
+            got = (await stub.Encode(request, timeout=5)).encoding
+            # a bank image as a query: its own key is its nearest bank key
+            own = encoder_pb2.EncodeRequest(image=pictures[0], outputs=TRIMMED[:1])
+            member = (await stub.Encode(own, timeout=5)).encoding
+    finally:
+        await app.stop()
+    for keys in (got.detection, got.trimmed_detection, member.detection):
+        second = np.frombuffer(keys.second_key, "<i2")[None, :]
+        assert keys.background == pytest.approx(float(bank.similarity(second)[0]))
+    assert got.detection.background != got.trimmed_detection.background
+    assert member.detection.background > got.detection.background
+    # the bank changes no key: same keys as the bundle without a bank
+    unbanked = plain.encode_images([copy], ["detection"])[0]
+    assert isinstance(unbanked, EncodedImage) and unbanked.background is None
+    assert got.detection.second_key == codes.second_key_to_bytes(unbanked.second_key)

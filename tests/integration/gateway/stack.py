@@ -4,17 +4,21 @@ redis-server and the gateway, all on ephemeral loopback ports in this process.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 
+from copyfree.background import write_bank
 from copyfree.bundle import Thresholds
+from copyfree.preprocess import decode, to_input
 from copyfree.serving.server import RunningServer, start_server
 from copyfree.v1 import common_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from copyfree_encoder.app import EncoderApp
+from copyfree_encoder.model import BundleModel
 from copyfree_encoder.settings import EncoderSettings
 from copyfree_gateway.__main__ import start as start_gateway
 from copyfree_gateway.settings import GatewaySettings
@@ -35,15 +39,27 @@ class Stack:
 
 @asynccontextmanager
 async def running_stack(
-    root: Path, redis_url: str, thresholds: Thresholds, registered: bytes
+    root: Path,
+    redis_url: str,
+    thresholds: Thresholds,
+    registered: bytes,
+    background: Sequence[bytes] = (),
 ) -> AsyncIterator[Stack]:
-    """Encoder (tiny bundles, the detection one with `thresholds`), one index shard,
+    """Encoder (tiny bundles, the detection one with `thresholds` and, when
+    `background` images are given, a background bank of them), one index shard,
     gateway; `registered` is in the registry as "work"."""
+    detection = make_detection_bundle(root / "det", thresholds=thresholds)
+    if background:
+        model = BundleModel(detection, providers="cpu")
+        keys = model.run(
+            np.stack([to_input(decode(b), model.spec) for b in background])
+        )
+        write_bank(detection, keys["second_key"], 3, {"source": "test images"})
     encoder = await EncoderApp.start(
         EncoderSettings(
             host="127.0.0.1",
             port=0,
-            detection_bundle=make_detection_bundle(root / "det", thresholds=thresholds),
+            detection_bundle=detection,
             retrieval_bundle=make_retrieval_bundle(root / "ret", bits=16),
             providers="cpu",
             batch_wait_ms=1.0,

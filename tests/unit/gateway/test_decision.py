@@ -87,3 +87,23 @@ def test_merge_orders_by_hamming_fine_then_id(rng: np.random.Generator) -> None:
     got = [h.id for h in merge_similar(parts, 25)]
     want = [h.id for h in sorted(hits, key=lambda h: (h.hamming, -h.fine_cosine, h.id))]
     assert got == want[:25]
+
+
+def test_the_query_background_raises_the_cosine_bar() -> None:
+    """Stage 2 passes when cosine - background_weight * background >= min_cosine."""
+    t = common_pb2.Thresholds(
+        max_hamming=12, min_cosine=0.5, fallback_k=4, background_weight=0.5
+    )
+    answer = [shard([cand("a", 2, 0.9), cand("b", 3, 0.5)])]
+    assert decide(answer, t, background=0.79).matched is not None  # 0.9 >= 0.895
+    assert decide(answer, t, background=0.81).matched is None  # 0.9 < 0.905
+    fallback = [shard(nearest=[cand("a", 20, 0.9)])]
+    assert decide(fallback, t, background=0.79).matched is not None
+    assert decide(fallback, t, background=0.81).matched is None
+    # weight 0 is the seed rule, whatever the background
+    plain = common_pb2.Thresholds(max_hamming=12, min_cosine=0.9, fallback_k=4)
+    assert decide(answer, plain, background=1.0).matched is not None
+    # a unique stage-1 candidate needs no cosine unless required
+    one = [shard([cand("a", 2, 0.1)])]
+    assert decide(one, t, background=1.0).matched is not None
+    assert decide(one, t, background=1.0, require_second_key=True).matched is None
