@@ -5,9 +5,12 @@ distractors). A quick screen for ideas before they go through the real Detect an
 `copyfree calibrate`; docs/models.md records what it found.
 
     .venv/bin/python benchmarks/detect_views.py [--images DIR] [--bundle DIR]
+        [--only-background]
 
-Keys of each extra view are cached under artifacts/detect/views/ (about 1 min per view
-cold on 2 cores).
+Keys of each extra view are cached under artifacts/detect/views/<bundle version>/
+(about 1 min per view cold on 2 cores). With a bundle that has a background bank
+(copyfree.background), rows with the query's background similarity subtracted follow;
+--only-background computes just the border view and those rows.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from copyfree.background import BackgroundBank
 from copyfree.folders import scan_folder
 from copyfree.preprocess import border_box, decode, trim_border
 from copyfree_train import eval_detect as E
@@ -45,7 +49,8 @@ def keys(config: E.DetectEvalConfig, data: E.EvalData, name: str) -> np.ndarray:
     if name == "as-is":
         raw = E.bundle_keys(config, data)["second_key"]
     else:
-        cache = Path("artifacts/detect/views") / name
+        version = E.read_manifest(config.bundle).version
+        cache = Path("artifacts/detect/views") / version / name
         with viewed(VIEWS[name]):
             raw = E.bundle_keys(E.replace(config, cache_dir=cache), data)["second_key"]
     k = raw.astype(np.float32)
@@ -143,13 +148,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=Path, default=Path("../shared/datasets/dev"))
     p.add_argument("--bundle", type=Path, default=Path("models/detect-lite0"))
+    p.add_argument("--only-background", action="store_true")
     args = p.parse_args()
     config = E.DetectEvalConfig(
         images=args.images, bundle=args.bundle, hashers=("keys",)
     )
     data = E.prepare(config)
     split = Split(data)
-    k = {name: keys(config, data, name) for name in ("as-is", *VIEWS)}
+    views = ("border",) if args.only_background else tuple(VIEWS)
+    k = {name: keys(config, data, name) for name in ("as-is", *views)}
     reg = k["as-is"][split.reg]
 
     def top(q: np.ndarray, r: np.ndarray = reg, ids: np.ndarray = split.ids):
@@ -166,6 +173,22 @@ def main() -> None:
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     plain = top(k["as-is"])
     lines.append(split.row("as is", plain[0], plain[1]))
+    bank = BackgroundBank.load(config.bundle, E.read_manifest(config.bundle))
+    if bank is not None:
+        # score = cosine - w * background(query), for the image as is and its
+        # border-trimmed view (copyfree.background; the keys are unit rows here)
+        s_view = top(k["border"])[2]
+        bg, bg_view = bank.similarity(k["as-is"]), bank.similarity(k["border"])
+        for w in (0.25, 0.4, 0.5, 0.6):
+            scored = np.maximum(
+                plain[2] - w * bg[:, None], s_view - w * bg_view[:, None]
+            )
+            j = scored.argmax(axis=1)
+            score = scored[np.arange(len(j)), j]
+            lines.append(split.row(f"+ border, background w {w}", score, split.ids[j]))
+    if args.only_background:
+        print("\n".join(lines))  # noqa: T201 (the report)
+        return
     ranked = np.sort(plain[2], axis=1)[:, ::-1]
     for b in (0.25, 0.5):
         s = ranked[:, 0] - b * ranked[:, 1]

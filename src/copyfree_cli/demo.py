@@ -20,10 +20,10 @@ from copyfree_cli.client import check_image, gateway_stub, register_records
 from copyfree_cli.report import render_check
 from copyfree_cli.stack import LocalStack, StackConfig
 
-# Two teacher edits. A grayscale re-save (printing for class) is easy: the attack
-# report's gray and JPEG families are detected 100 % at the shipped thresholds. A 90 %
-# crop re-saved at q50 is hard: crops are detected 25 % of the time there
-# (docs/detection-report.md); this one passes narrowly (cosine 0.984 >= 0.98).
+# Teacher edits. With the default bundle (detect-lite0, docs/detection-report.md) a
+# grayscale re-save is its weak spot (20 % of grayscale copies at the 1 % point; the
+# CVAE bundle finds them all), a 90 % crop re-saved at q50 and a slide copy (through
+# the border-trimmed view) are found.
 GRAY_JPEG_QUALITY = 75
 CROP_KEEP = 0.9  # centre crop keeping 90% of each side
 CROP_JPEG_QUALITY = 50
