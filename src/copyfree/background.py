@@ -20,14 +20,14 @@ background(query) next to the keys, so the index is unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from copyfree.bundle import Manifest
+from copyfree.bundle import Manifest, read_manifest, write_manifest
 
 BANK_FILE = "background.npy"
 MANIFEST_KEY = "background"  # manifest entry: {"file", "top_k", "images", ...}
@@ -85,10 +85,6 @@ def write_bank(
 ) -> Manifest:
     """Write background.npy into the bundle and name it in the manifest (version kept:
     the bank changes no key). Returns the new manifest."""
-    from dataclasses import replace
-
-    from copyfree.bundle import read_manifest, write_manifest
-
     keys = np.ascontiguousarray(second_keys, dtype=np.int16)
     BackgroundBank.of(keys, top_k)  # refuse a bank that would not load
     bundle_dir = Path(bundle_dir)
